@@ -6,14 +6,13 @@ import logging
 from collections.abc import Mapping
 
 import nats
+from beamline import subjects
+from beamline.envelope import Envelope
+from beamline.errors import CallerError, Reason
 from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
-
-from beamline import subjects
-from beamline.envelope import Envelope
-from beamline.errors import CallerError, Reason
 
 log = logging.getLogger("beamline.bus")
 

@@ -5,15 +5,16 @@ Errors name the offending field, e.g. `agents[1].models[0].provider: unknown pro
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from beamline.errors import ConfigError
 from beamline.ids import is_token
 from beamline.tools import import_tool_modules, registered
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -92,9 +93,25 @@ class Deployment(Strict):
                     )
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, source: str = "<config>") -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment, so one file serves laptop and
+    containers (hostnames, ports). Secrets do not belong here: use `api_key_env`."""
+
+    def sub(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1), match.group(2))
+        if value is None:
+            raise ConfigError(f"{source}: environment variable {match.group(1)} is not set")
+        return value
+
+    return _VAR.sub(sub, text)
+
+
 def parse(text: str, source: str = "<config>") -> Deployment:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(expand_env(text, source))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -103,9 +120,9 @@ def parse(text: str, source: str = "<config>") -> Deployment:
         return Deployment.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(
-            f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]
-        ).replace(".[", "[")
+        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(
+            ".[", "["
+        )
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from exc
 

@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from beamline.ids import new_span_id, new_trace_id, uuid7
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -172,8 +171,8 @@ class Envelope(Frozen):
         """`kind` may be omitted: the payload says what it is."""
         if isinstance(data, dict) and "kind" not in data:
             payload = data.get("payload")
-            kind = payload.get("kind") if isinstance(payload, dict) else getattr(
-                payload, "kind", None
+            kind = (
+                payload.get("kind") if isinstance(payload, dict) else getattr(payload, "kind", None)
             )
             if kind is not None:
                 data = {**data, "kind": kind}
@@ -182,7 +181,9 @@ class Envelope(Frozen):
     @model_validator(mode="after")
     def _kind_matches_payload(self) -> Envelope:
         if self.payload.kind != self.kind.value:
-            raise ValueError(f"kind {self.kind.value!r} does not match payload {self.payload.kind!r}")
+            raise ValueError(
+                f"kind {self.kind.value!r} does not match payload {self.payload.kind!r}"
+            )
         return self
 
     def child(self, payload: Any, *, sender: str, recipient: str, **fields: Any) -> Envelope:

@@ -34,6 +34,7 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    NATS_UNAVAILABLE = "nats_unavailable"
     # delivered too often without success
     POISON = "poison"
 

@@ -16,13 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
 from beamline import log as logsetup
 from beamline import subjects
 from beamline.errors import ConfigError
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 StatusFn = Callable[[], dict[str, Any]]
 logger = logging.getLogger("beamline.service")
@@ -40,7 +39,9 @@ async def answer_health(nc: NATS, service: str, status: StatusFn) -> Subscriptio
     return await nc.subscribe(subjects.health(service), queue=service, cb=on_request)
 
 
-def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]], level: str = "INFO") -> None:
+def run(
+    service: str, main: Callable[[asyncio.Event], Awaitable[None]], level: str = "INFO"
+) -> None:
     """Run `main` until SIGTERM/SIGINT; exit 2 with the reason on a configuration error."""
     logsetup.setup(service, level)
 

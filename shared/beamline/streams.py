@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from beamline import subjects
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
@@ -23,8 +24,6 @@ from nats.js.api import (
 )
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
-
-from beamline import subjects
 
 log = logging.getLogger("beamline.streams")
 

@@ -99,7 +99,7 @@ def mailbox_of(agent: str) -> str:
 
 
 def mailbox_transform_dest(shards: int) -> str:
-    return "bl.mbox.{{partition(%d,1)}}.{{wildcard(1)}}" % shards
+    return "bl.mbox.{{partition(" + str(shards) + ",1)}}.{{wildcard(1)}}"
 
 
 def journal(agent: str, conversation: str) -> str:
@@ -129,6 +129,7 @@ def health(service: str) -> str:
 def last_token(subject: str, index: int) -> str:
     """The token at `index` of a subject (negative counts from the end)."""
     return subject.split(".")[index]
+
 
 # --- key-value buckets -----------------------------------------------------
 BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response (idempotency)

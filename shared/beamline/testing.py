@@ -44,7 +44,7 @@ async def wait_for(
             if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
         except Exception as exc:  # a condition that raises is "not yet"
             last_exc = exc
         if time.monotonic() > deadline:

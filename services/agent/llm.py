@@ -1,0 +1,59 @@
+"""The agent's side of the Membrane: an LLM call is a NATS request to the gateway."""
+
+from __future__ import annotations
+
+from beamline import bus, subjects
+from beamline.envelope import Envelope, ErrorPayload, LLMResponsePayload
+from beamline.errors import CallerError, Reason, TransientError
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+# Reasons the gateway reports that are worth retrying later rather than failing the task.
+_TRANSIENT = {
+    Reason.PROVIDER_TIMEOUT,
+    Reason.PROVIDER_ERROR,
+    Reason.PROVIDER_UNAVAILABLE,
+    Reason.RATE_LIMITED,
+    Reason.PROVIDER_BAD_RESPONSE,
+}
+_REPLY_MAX_BYTES = 4 * 1024 * 1024
+
+
+async def call(nc: NATS, request: Envelope, timeout: float) -> Envelope:
+    """Send one LLM request; return the `llm_response` envelope or raise a classified error."""
+    provider = getattr(request.payload, "provider", "")
+    try:
+        msg = await nc.request(
+            subjects.llm(provider),
+            bus.encode(request),
+            timeout=timeout,
+            headers=bus.headers_for(request),
+        )
+    except NoRespondersError as exc:
+        raise TransientError(
+            "no LLM gateway is answering on bl.llm.*: start the gateway service",
+            Reason.GATEWAY_UNAVAILABLE,
+        ) from exc
+    except NatsTimeout as exc:
+        raise TransientError(
+            f"the gateway did not answer within {timeout:.0f}s", Reason.GATEWAY_UNAVAILABLE
+        ) from exc
+    reply = bus.decode(msg.data, _REPLY_MAX_BYTES)
+    if isinstance(reply.payload, LLMResponsePayload):
+        return reply
+    if isinstance(reply.payload, ErrorPayload):
+        reason = _reason(reply.payload.reason)
+        if reason in _TRANSIENT:
+            raise TransientError(reply.payload.message, reason)
+        raise CallerError(reply.payload.message, reason or Reason.PROVIDER_ERROR)
+    raise TransientError(
+        f"the gateway answered a {reply.kind.value} envelope", Reason.PROVIDER_BAD_RESPONSE
+    )
+
+
+def _reason(value: str) -> Reason | None:
+    try:
+        return Reason(value)
+    except ValueError:
+        return None

@@ -1,0 +1,301 @@
+"""An agent: one actor with its own ordered queue, driven by its journal.
+
+Idle agents hold no asyncio task, only a small object, so a host can keep very many. A
+message is acknowledged only after its outcome (reply or error) is journaled and published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from beamline import bus, subjects
+from beamline import log as logctx
+from beamline.config import AgentSpec
+from beamline.deadletter import dead_letter
+from beamline.envelope import (
+    Envelope,
+    ErrorPayload,
+    LLMRequestPayload,
+    ReplyPayload,
+    TaskPayload,
+    ToolCall,
+    ToolResultPayload,
+)
+from beamline.errors import BeamlineError, CallerError, Reason, TransientError
+from beamline.ids import derived_id
+from beamline.tools import get_tool
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.client import JetStreamContext
+
+from services.agent import conversation as conv
+from services.agent import llm
+from services.agent.journal import Journal
+from services.agent.settings import AgentHostSettings
+
+log = logging.getLogger("beamline.agent")
+
+
+class State(StrEnum):
+    IDLE = "idle"
+    RUNNING = "running"
+    WAITING_ON_LLM = "waiting-on-llm"
+    WAITING_ON_TOOL = "waiting-on-tool"
+
+
+class Ackable(Protocol):
+    async def ack(self) -> None: ...
+
+
+@dataclass
+class Delivery:
+    task: Envelope
+    msg: Ackable | None = None  # the mailbox message to acknowledge when done
+
+
+@dataclass
+class HostContext:
+    nc: NATS
+    js: JetStreamContext
+    journal: Journal
+    settings: AgentHostSettings
+
+
+@dataclass
+class Agent:
+    spec: AgentSpec
+    ctx: HostContext
+    queue: deque[Delivery] = field(default_factory=deque)
+    state: State = State.IDLE
+    processed: int = 0
+    failed: int = 0
+    tokens: int = 0
+    step: int = 0
+    last_error: str | None = None
+    _worker: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.queue.append(delivery)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name=f"agent:{self.name}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "agent": self.name,
+            "role": self.spec.role,
+            "state": self.state.value,
+            "mailbox_depth": len(self.queue),
+            "step": self.step,
+            "processed": self.processed,
+            "failed": self.failed,
+            "tokens": self.tokens,
+            "last_error": self.last_error,
+        }
+
+    async def stop(self, timeout: float) -> None:
+        """Finish the message in hand (journal, then ack); leave the rest for redelivery."""
+        pending = list(self.queue)[1:] if self.state != State.IDLE else list(self.queue)
+        for delivery in pending:
+            self.queue.remove(delivery)
+        if self._worker and not self._worker.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), timeout)
+            except TimeoutError:
+                self._worker.cancel()
+
+    async def _drain(self) -> None:
+        while self.queue:
+            delivery = self.queue[0]
+            try:
+                await self._handle(delivery)
+            except Exception:  # even the failure path failed (NATS gone): redelivery will retry
+                log.exception(
+                    "message left unacknowledged for redelivery",
+                    extra=logctx.ctx(delivery.task, agent=self.name),
+                )
+            finally:
+                if self.queue and self.queue[0] is delivery:
+                    self.queue.popleft()
+                self.state = State.IDLE
+
+    async def _handle(self, delivery: Delivery) -> None:
+        task = delivery.task
+        attempts = 0
+        bugs = 0
+        while True:
+            try:
+                await self._work(task)
+                break
+            except (TransientError, NatsError, TimeoutError) as exc:
+                attempts += 1
+                reason = exc.reason if isinstance(exc, TransientError) else Reason.NATS_UNAVAILABLE
+                self.last_error = f"{reason.value}: {exc!r}"
+                if attempts > self.ctx.settings.transient_retries:
+                    await self._fail(task, reason, f"gave up after {attempts} tries: {exc!r}")
+                    break
+                delay = _backoff(attempts, self.ctx.settings)
+                log.warning(
+                    "transient failure; retrying",
+                    extra=logctx.ctx(
+                        task,
+                        agent=self.name,
+                        reason=reason.value,
+                        retry_in_s=round(delay, 2),
+                        error=str(exc),
+                    ),
+                )
+                await asyncio.sleep(delay)
+            except CallerError as exc:
+                await self._fail(task, exc.reason, str(exc))
+                break
+            except Exception as exc:  # a bug: retry a little, then dead-letter as poison
+                bugs += 1
+                self.last_error = repr(exc)
+                log.exception("agent crashed on a message", extra=logctx.ctx(task, agent=self.name))
+                if bugs > self.ctx.settings.bug_retries:
+                    await self._poison(delivery, exc)
+                    break
+        self.processed += 1
+        if delivery.msg is not None:
+            await delivery.msg.ack()
+
+    async def _work(self, task: Envelope) -> None:
+        journal = await self.ctx.journal.load(self.name, task.conversation_id)
+        if not any(e.id == task.id for e in journal):
+            self.state = State.RUNNING
+            await self.ctx.journal.append(self.name, task)
+        while True:
+            action = conv.next_action(self.spec, journal, task.id)
+            match action:
+                case conv.Done(outcome=outcome):
+                    await self._publish_outcome(task, outcome)
+                    return
+                case conv.CallLLM():
+                    await self._call_llm(task, journal, action)
+                case conv.RunTools(calls=calls, after=after):
+                    for call in calls:
+                        await self._run_tool(call, after)
+                case conv.Reply(text=text):
+                    reply = task.child(
+                        ReplyPayload(task_id=task.id, text=text),
+                        id=derived_id("reply", task.id),
+                        sender=self.name,
+                        recipient=task.sender,
+                        step=self.step,
+                    )
+                    await self.ctx.journal.append(self.name, reply)
+                case conv.Fail(reason=reason, message=message):
+                    raise CallerError(message, reason)
+
+    async def _call_llm(
+        self, task: Envelope, journal: list[Envelope], action: conv.CallLLM
+    ) -> None:
+        choice = self.spec.models[0]  # failover across choices arrives with the breakers issue
+        self.step = action.index + 1
+        request = task.child(
+            LLMRequestPayload(
+                provider=choice.provider,
+                model=choice.model,
+                messages=conv.chat_messages(self.spec, journal),
+                tools=tuple(get_tool(t).spec for t in self.spec.tools),
+                max_tokens=self.spec.max_tokens,
+                json_output=self.spec.output == "json",
+            ),
+            id=action.request_id,
+            sender=self.name,
+            recipient=f"gateway.{choice.provider}",
+            step=self.step,
+        )
+        self.state = State.WAITING_ON_LLM
+        response = await llm.call(self.ctx.nc, request, self.ctx.settings.llm_timeout_s)
+        self.state = State.RUNNING
+        if response.usage:
+            self.tokens += response.usage.total
+        entry = response.model_copy(
+            update={"id": derived_id("llm_response", action.request_id), "recipient": self.name}
+        )
+        await self.ctx.journal.append(self.name, entry)
+
+    async def _run_tool(self, call: ToolCall, after: Envelope) -> None:
+        self.state = State.WAITING_ON_TOOL
+        started = time.perf_counter()
+        result: str | None
+        error: str | None = None
+        try:
+            if call.name not in self.spec.tools:
+                raise CallerError(
+                    f"agent {self.name} has no tool {call.name!r}; it has {list(self.spec.tools)}",
+                    Reason.UNKNOWN_TOOL,
+                )
+            result = await get_tool(call.name).run(call.arguments)
+        except BeamlineError as exc:
+            result, error = str(exc), exc.reason.value
+        except Exception as exc:  # the tool's own failure is the LLM's to handle, not a crash
+            result, error = f"{type(exc).__name__}: {exc}", Reason.TOOL_FAILED.value
+        self.state = State.RUNNING
+        entry = after.child(
+            ToolResultPayload(
+                call_id=call.id,
+                name=call.name,
+                arguments=call.arguments,
+                result=result,
+                error_reason=error,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            ),
+            id=derived_id("tool", after.id, call.id),
+            sender=f"tool.{call.name}",
+            recipient=self.name,
+        )
+        await self.ctx.journal.append(self.name, entry)
+
+    async def _fail(self, task: Envelope, reason: Reason, message: str) -> None:
+        self.failed += 1
+        self.last_error = f"{reason.value}: {message}"
+        error = task.child(
+            ErrorPayload(reason=reason.value, message=message, task_id=task.id),
+            id=derived_id("error", task.id),
+            sender=self.name,
+            recipient=task.sender,
+        )
+        await self.ctx.journal.append(self.name, error)
+        await self._publish_outcome(task, error)
+
+    async def _poison(self, delivery: Delivery, exc: Exception) -> None:
+        task = delivery.task
+        await dead_letter(
+            self.ctx.js,
+            origin="agent",
+            reason=Reason.POISON,
+            detail=f"agent {self.name} failed on it: {exc!r}",
+            subject=subjects.inbox(self.name),
+            data=bus.encode(task),
+            key=task.id,
+            trace_id=task.trace_id,
+        )
+        await self._fail(task, Reason.POISON, f"agent {self.name} crashed on this task: {exc!r}")
+
+    async def _publish_outcome(self, task: Envelope, outcome: Envelope) -> None:
+        await bus.publish(self.ctx.js, subjects.reply(task.conversation_id), outcome)
+        reply_to = task.payload.reply_to if isinstance(task.payload, TaskPayload) else None
+        if reply_to:
+            await self.ctx.nc.publish(
+                reply_to, bus.encode(outcome), headers=bus.headers_for(outcome)
+            )
+        kind = "replied" if isinstance(outcome.payload, ReplyPayload) else "failed"
+        log.info(f"task {kind}", extra=logctx.ctx(outcome, agent=self.name))
+
+
+def _backoff(attempt: int, settings: AgentHostSettings) -> float:
+    """Capped exponential backoff with full jitter."""
+    return random.uniform(0, min(settings.retry_cap_s, settings.retry_base_s * 2 ** (attempt - 1)))

@@ -1,0 +1,124 @@
+"""One circuit breaker per provider (pybreaker), its state changes reported as events.
+
+Policy (which outcomes count) lives in `retry.Verdict.breaker_failure`; here only the
+mechanics. A failure counts when it is raised inside `guard()` as a `ProviderFailure`;
+anything that leaves the block normally (including a 429 or a 400, which prove the
+provider is up) counts as a success for pybreaker and resets its failure count.
+
+pybreaker's half-open state lets every call through until one finishes; with many agents
+waiting at once that is a thundering herd on a provider that may still be down, so
+`guard()` admits a single trial call and refuses the rest while it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pybreaker
+
+from services.gateway.retry import Verdict
+
+EventFn = Callable[[str, dict[str, Any]], None]  # (event name, data)
+
+EVENT_FOR_STATE = {
+    pybreaker.STATE_OPEN: "breaker_opened",
+    pybreaker.STATE_HALF_OPEN: "breaker_half_opened",
+    pybreaker.STATE_CLOSED: "breaker_closed",
+}
+
+
+class ProviderFailure(Exception):
+    """An attempt that failed; its text is already scrubbed of secrets."""
+
+    def __init__(self, verdict: Verdict, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.verdict = verdict
+        self.retry_after = retry_after
+
+
+class BreakerOpen(Exception):
+    """The breaker refused the call: no request was sent."""
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: ProviderBreaker) -> None:
+        self._owner = owner
+
+    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
+        self._owner.last_error = str(exc) if isinstance(exc, ProviderFailure) else type(
+            exc
+        ).__name__
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        self._owner.changed(old_state.name if old_state else None, new_state.name)
+
+
+class ProviderBreaker:
+    def __init__(self, provider: str, fail_max: int, reset_s: float, on_event: EventFn) -> None:
+        self.provider = provider
+        self.last_error: str | None = None
+        self.transitions = 0
+        self._on_event = on_event
+        self._trial_running = False
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_s,
+            listeners=[_Listener(self)],
+            name=provider,
+        )
+
+    @property
+    def state(self) -> str:
+        return str(self._cb.current_state)
+
+    @property
+    def fail_count(self) -> int:
+        return int(self._cb.fail_counter)
+
+    def changed(self, old: str | None, new: str) -> None:
+        self.transitions += 1
+        if new == pybreaker.STATE_OPEN:
+            why = self.last_error or "failure threshold reached"
+        elif new == pybreaker.STATE_HALF_OPEN:
+            why = f"reset timeout of {self._cb.reset_timeout}s elapsed; trying one call"
+        else:
+            why = "trial call succeeded"
+        data = {"provider": self.provider, "from": old, "to": new, "reason": why}
+        if self.last_error:
+            data["last_error"] = self.last_error
+        self._on_event(EVENT_FOR_STATE[new], data)
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Run the block as one guarded call; BreakerOpen if the breaker refuses it.
+
+        A failure that trips the breaker is re-raised as itself (pybreaker would replace it
+        with CircuitBreakerError), so the caller always learns what actually went wrong.
+        """
+        trial = self._cb.current_state != pybreaker.STATE_CLOSED
+        if trial and self._trial_running:
+            raise BreakerOpen(f"circuit for provider {self.provider!r} is half-open, trial running")
+        entered = False
+        try:
+            if trial:
+                self._trial_running = True
+            with self._cb.calling():
+                entered = True
+                yield
+        except pybreaker.CircuitBreakerError as err:
+            if entered and isinstance(err.__context__, ProviderFailure):
+                raise err.__context__ from None
+            raise BreakerOpen(
+                f"circuit for provider {self.provider!r} is open"
+                + (f" after: {self.last_error}" if self.last_error else "")
+            ) from None
+        finally:
+            if trial:
+                self._trial_running = False
