@@ -223,7 +223,13 @@ class Agent:
         if response.usage:
             self.tokens += response.usage.total
         entry = response.model_copy(
-            update={"id": derived_id("llm_response", action.request_id), "recipient": self.name}
+            # the request itself travels on core NATS and is not recorded: hang the response
+            # under the task so the trace tree stays connected
+            update={
+                "id": derived_id("llm_response", action.request_id),
+                "recipient": self.name,
+                "parent_span_id": task.span_id,
+            }
         )
         await self.ctx.journal.append(self.name, entry)
 

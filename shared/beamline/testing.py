@@ -30,11 +30,11 @@ def free_port() -> int:
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[T | None] | T | None],
+    condition: Callable[[], Any],
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
-) -> T:
+) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None

