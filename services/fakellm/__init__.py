@@ -1,0 +1,1 @@
+"""fakellm: a scripted LLM provider speaking the OpenAI and Anthropic wire formats."""

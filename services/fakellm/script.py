@@ -96,7 +96,9 @@ class Fault(_Model):
             if on
         ]
         if len(kinds) > 1:
-            raise ValueError(f"at most one of status, hang, hang_mid_stream, malformed (got {kinds})")
+            raise ValueError(
+                f"at most one of status, hang, hang_mid_stream, malformed (got {kinds})"
+            )
         if self.status is None and (self.retry_after_s is not None or self.message is not None):
             raise ValueError("retry_after_s and message need status")
         return self

@@ -35,8 +35,11 @@ class Ids:
 class Wire(Protocol):
     """One provider's wire format: parse requests, render replies, errors and broken bodies."""
 
-    provider: Provider
-    request_id_header: str
+    @property
+    def provider(self) -> Provider: ...
+
+    @property
+    def request_id_header(self) -> str: ...
 
     def parse(self, body: Any) -> LLMRequest:
         """The neutral request; raises `BadRequest` for what the real API would reject."""
@@ -50,7 +53,9 @@ class Wire(Protocol):
         """The streaming response, as SSE frames."""
         ...
 
-    def error(self, status: int, message: str | None = None, param: str | None = None) -> bytes:
+    def error(
+        self, status: int, message: str | None = None, param: str | None = None
+    ) -> dict[str, Any]:
         """An error body in the provider's format; a stock message when `message` is None."""
         ...
 
