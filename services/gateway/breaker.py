@@ -32,10 +32,17 @@ EVENT_FOR_STATE = {
 class ProviderFailure(Exception):
     """An attempt that failed; its text is already scrubbed of secrets."""
 
-    def __init__(self, verdict: Verdict, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        verdict: Verdict,
+        message: str,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.verdict = verdict
         self.retry_after = retry_after
+        self.status = status  # the HTTP status, when the provider answered
 
 
 class BreakerOpen(Exception):
@@ -47,9 +54,9 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self._owner = owner
 
     def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
-        self._owner.last_error = str(exc) if isinstance(exc, ProviderFailure) else type(
-            exc
-        ).__name__
+        self._owner.last_error = (
+            str(exc) if isinstance(exc, ProviderFailure) else type(exc).__name__
+        )
 
     def state_change(
         self,

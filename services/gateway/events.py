@@ -1,0 +1,93 @@
+"""Gateway events to JetStream (`bl.events.gateway.<name>`), published off the reply path.
+
+`emit` is synchronous and never blocks: the breaker's listener runs inside pybreaker's
+synchronous code, and a reply must not wait for an event's ack. A single task publishes
+in order; each envelope id is its Nats-Msg-Id, so a retried publish stays one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from beamline import bus, subjects
+from beamline.envelope import Envelope, EventPayload, Kind
+from nats.js.client import JetStreamContext
+
+log = logging.getLogger("services.gateway.events")
+
+SOURCE = "gateway"
+RECIPIENT = "events"
+MAX_QUEUED = 10_000
+PUBLISH_TRIES = 3
+
+
+def event_envelope(name: str, data: dict[str, Any], parent: Envelope | None = None) -> Envelope:
+    """An event envelope; caused by `parent` (same conversation and trace) when given."""
+    payload = EventPayload(name=name, data=data)
+    if parent is not None:
+        return parent.child(payload, sender=SOURCE, recipient=RECIPIENT)
+    return Envelope(
+        kind=Kind.EVENT,
+        sender=SOURCE,
+        recipient=RECIPIENT,
+        conversation_id=SOURCE,
+        payload=payload,
+    )
+
+
+class EventSink:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._queue: asyncio.Queue[Envelope] = asyncio.Queue(MAX_QUEUED)
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gateway-events")
+
+    def emit(self, name: str, data: dict[str, Any], parent: Envelope | None = None) -> None:
+        try:
+            self._queue.put_nowait(event_envelope(name, data, parent))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.warning("event dropped: queue full", extra={"event": name})
+
+    async def close(self, timeout: float) -> None:
+        """Publish what is queued (up to `timeout` seconds), then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            env = await self._queue.get()
+            try:
+                await self._publish(env)
+            finally:
+                self._queue.task_done()
+
+    async def _publish(self, env: Envelope) -> None:
+        name = getattr(env.payload, "name", "")
+        for attempt in range(1, PUBLISH_TRIES + 1):
+            try:
+                await bus.publish(self._js, subjects.event(SOURCE, name), env)
+                self.published += 1
+                return
+            except Exception as exc:  # NATS reconnecting: an event is not worth a crash
+                if attempt == PUBLISH_TRIES:
+                    self.dropped += 1
+                    log.warning(
+                        "event not published; dropped",
+                        extra={"event": name, "envelope_id": env.id, "error": repr(exc)},
+                    )
+                    return
+                await asyncio.sleep(0.2 * attempt)
