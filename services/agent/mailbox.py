@@ -41,7 +41,7 @@ class Shard:
         self.js, self.shard, self.agents = js, shard, agents
         self.settings, self.max_bytes = settings, max_bytes
         self.name = subjects.mailbox_consumer(shard)
-        self.in_flight: set[Msg] = set()
+        self.in_flight: dict[int, Msg] = {}  # by stream sequence
         self.received = 0
         self.dead_lettered = 0
         self._room = asyncio.Event()
@@ -137,11 +137,11 @@ class Shard:
             )
             await msg.ack()
             return
-        self.in_flight.add(msg)
+        self.in_flight[meta.sequence.stream] = msg
         agent.deliver(Delivery(task, _Acker(msg, self)))
 
     def done(self, msg: Msg) -> None:
-        self.in_flight.discard(msg)
+        self.in_flight.pop(msg.metadata.sequence.stream, None)
         self._room.set()
 
 

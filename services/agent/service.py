@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from beamline import bus, config, streams
-from beamline.service import answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 
 from services.agent.dispatch import Dispatcher
@@ -49,8 +49,10 @@ async def main(stop: asyncio.Event) -> None:
 
     health = await answer_health(nc, "agent", status)
     taking = asyncio.Event()  # set = stop taking new messages
-    loops = [asyncio.create_task(dispatcher.run(taking))]
-    loops += [asyncio.create_task(s.run(taking)) for s in shards]
+    loops = [asyncio.create_task(dispatcher.run(taking), name="dispatch")]
+    loops += [asyncio.create_task(s.run(taking), name=f"shard-{s.shard}") for s in shards]
+    for loop in loops:
+        loop.add_done_callback(crash_on_error)
     log.info(
         "agent host ready",
         extra={"host": settings.host_id, "agents": len(agents), "shards": len(shard_ids)},

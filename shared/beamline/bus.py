@@ -6,13 +6,14 @@ import logging
 from collections.abc import Mapping
 
 import nats
-from beamline import subjects
-from beamline.envelope import Envelope
-from beamline.errors import CallerError, Reason
 from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
+
+from beamline import subjects
+from beamline.envelope import Envelope
+from beamline.errors import CallerError, Reason
 
 log = logging.getLogger("beamline.bus")
 
@@ -85,13 +86,17 @@ async def connect(url: str, name: str) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", extra={"service": name, "error": repr(exc)})
 
+    client: list[NATS] = []  # filled once connected; a deliberate close is not an outage
+
     async def on_disconnect() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return
         log.warning("nats disconnected; reconnecting", extra={"service": name})
 
     async def on_reconnect() -> None:
         log.info("nats reconnected", extra={"service": name})
 
-    return await nats.connect(
+    nc = await nats.connect(
         servers=[u.strip() for u in url.split(",")],
         name=name,
         max_reconnect_attempts=-1,
@@ -102,6 +107,8 @@ async def connect(url: str, name: str) -> NATS:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    client.append(nc)
+    return nc
 
 
 async def publish(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ def _mesh_options(args: argparse.Namespace) -> RuntimeOptions:
         nats_port=args.nats_port,
         fakellm=not args.no_fakellm,
         fakellm_port=args.fakellm_port,
+        external_nats_url=os.environ.get("BEAMLINE_NATS_URL"),
     )
 
 

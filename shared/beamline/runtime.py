@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -34,6 +33,9 @@ class RuntimeOptions:
     fakellm_script: Path = Path("infra/examples/fakellm-demo.yaml")
     stop_timeout_s: float = 15.0
     ready_timeout_s: float = 60.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # a running NATS to use instead of starting one (set from BEAMLINE_NATS_URL by the CLI)
+    external_nats_url: str | None = None
 
 
 @dataclass
@@ -57,12 +59,13 @@ class Mesh:
         }
         if self.options.fakellm:
             env.setdefault("BEAMLINE_FAKELLM_URL", f"http://127.0.0.1:{self.options.fakellm_port}")
+        env.update(self.options.extra_env)
         return env
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if "BEAMLINE_NATS_URL" in os.environ:
-            self.nats_url = self.settings.nats_url
+        if self.options.external_nats_url:
+            self.nats_url = self.options.external_nats_url
             log.info("using the NATS server from BEAMLINE_NATS_URL; starting none")
         else:
             self._start_nats()

@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from beamline import log as logsetup
-from beamline import subjects
-from beamline.errors import ConfigError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from beamline import log as logsetup
+from beamline import subjects
+from beamline.errors import ConfigError
 
 StatusFn = Callable[[], dict[str, Any]]
 logger = logging.getLogger("beamline.service")
@@ -37,6 +39,19 @@ async def answer_health(nc: NATS, service: str, status: StatusFn) -> Subscriptio
         await msg.respond(json.dumps(body, default=str).encode())
 
     return await nc.subscribe(subjects.health(service), queue=service, cb=on_request)
+
+
+def crash_on_error(task: asyncio.Task[Any]) -> None:
+    """Done-callback for a service's long-running loops: a loop that dies of a bug takes the
+    process down (exit 70) so its supervisor restarts it, instead of idling half-alive."""
+    if task.cancelled() or task.exception() is None:
+        return
+    logger.error(
+        "service loop crashed; exiting so the process is restarted",
+        exc_info=task.exception(),
+        extra={"loop": task.get_name()},
+    )
+    os._exit(70)
 
 
 def run(

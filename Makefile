@@ -1,0 +1,49 @@
+# One command per habit. CI calls `make test` (see .ci/run).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: venv run up demo test unit integration lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## the main job on the embedded default: NATS + chDB + every service, a demo team, a trace
+run: venv
+	$(BIN)/beamline demo
+
+## the embedded mesh until Ctrl-C
+up: venv
+	$(BIN)/beamline up
+
+## lint, types, then the whole suite (pytest exits 5 when it collects nothing: that fails too)
+test: venv lint
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit
+
+integration: venv
+	$(BIN)/python -m pytest tests/integration
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## figures and ratios against baselines measured in the same run -> bench/results/latest.json
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf .beamline bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,81 @@
+"""A whole embedded mesh for integration tests: nats-server, fakellm, recorder (chDB),
+gateway and agent host as real processes on free 127.0.0.1 ports, torn down even on failure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from beamline import bus
+from beamline.runtime import Mesh, RuntimeOptions
+from beamline.settings import MeshSettings
+from beamline.testing import free_port
+from nats.aio.client import Client as NATS
+
+ROOT = Path(__file__).resolve().parents[2]
+TEAM = ROOT / "infra/examples/research-team.yaml"
+DEMO_SCRIPT = ROOT / "infra/examples/fakellm-demo.yaml"
+
+
+class MeshHandle:
+    """The running mesh plus what tests need to poke it."""
+
+    def __init__(self, mesh: Mesh, nc: NATS, fakellm_url: str) -> None:
+        self.mesh, self.nc, self.fakellm_url = mesh, nc, fakellm_url
+
+    @property
+    def js(self) -> Any:
+        return self.nc.jetstream()
+
+    async def fakellm_calls(self) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as client:
+            calls: list[dict[str, Any]] = (
+                await client.get(f"{self.fakellm_url}/_fakellm/calls")
+            ).json()
+            return calls
+
+    def logs(self, name: str) -> str:
+        return self.mesh.process(name).logs()
+
+
+MeshFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
+    meshes: list[tuple[Mesh, NATS]] = []
+
+    async def start(
+        config: Path = TEAM,
+        script: Path = DEMO_SCRIPT,
+        env: dict[str, str] | None = None,
+    ) -> MeshHandle:
+        data_dir = tmp_path / f"mesh{len(meshes)}"
+        settings = MeshSettings(data_dir=data_dir, config=config, nats_url="nats://unused:1")
+        options = RuntimeOptions(
+            nats_port=free_port(),
+            monitor_port=free_port(),
+            fakellm_port=free_port(),
+            fakellm_script=script,
+            stop_timeout_s=10,
+            extra_env={"FAKELLM_API_KEY": "sk-test-SENTINEL-9f3b", **(env or {})},
+        )
+        mesh = Mesh(settings, options)
+        try:
+            await mesh.start()
+        except BaseException:
+            mesh.stop()
+            raise
+        nc = await bus.connect(mesh.nats_url, "test")
+        meshes.append((mesh, nc))
+        return MeshHandle(mesh, nc, f"http://127.0.0.1:{options.fakellm_port}")
+
+    try:
+        yield start
+    finally:
+        for mesh, nc in meshes:
+            await nc.close()
+            mesh.stop()

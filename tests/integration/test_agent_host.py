@@ -1,0 +1,229 @@
+"""The spine end to end: tasks over plain NATS through durable agents, the gateway and
+fakellm (real HTTP), replies on their subject, every message recorded in ClickHouse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from beamline import bus, client, query, subjects
+from beamline.envelope import Envelope
+from beamline.testing import wait_for
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from .conftest import ROOT, MeshFactory
+
+PROBE_TOOLS = '''
+import os
+from beamline import tool
+
+@tool
+def remember(note: str) -> str:
+    """Write a note down (the test counts how often this really ran)."""
+    with open(os.environ["PROBE_FILE"], "a") as f:
+        f.write(note + "\\n")
+    return "noted: " + note
+'''
+
+PROBE_CONFIG = """
+version: 1
+tools_modules: [probe_tools]
+providers:
+  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", api_key_env: FAKELLM_API_KEY,
+            timeout_s: 10, max_attempts: 2}
+agents:
+  - {name: prober, role: probe, system_prompt: "You are prober.",
+     models: [{provider: fakellm, model: m1}], tools: [remember]}
+  - {name: jsoner, role: json, system_prompt: "You are jsoner.", output: json,
+     models: [{provider: fakellm, model: m1}]}
+"""
+
+PROBE_SCRIPT = """
+rules:
+  - name: note-it
+    match: {system_contains: prober, last_role: user, contains: "slow"}
+    respond: {tool_calls: [{name: remember, arguments: {note: "first"}}]}
+  - name: answer-slowly
+    match: {system_contains: prober, tool_result_for: remember}
+    fault: {latency_ms: 2500}
+    respond: {text: "done after {last_tool_result}"}
+  - name: unknown-tool
+    match: {system_contains: prober, last_role: user, contains: "ghost"}
+    respond: {tool_calls: [{name: ghost_tool, arguments: {}}]}
+  - name: after-ghost
+    match: {system_contains: prober, last_role: tool}
+    respond: {text: "recovered: {last_tool_result}"}
+  - name: not-json
+    match: {system_contains: jsoner}
+    respond: {text: "Sure! here is your JSON: {oops"}
+default: {text: "echo: {last_user}"}
+"""
+
+
+def probe_mesh_args(tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "probe_tools.py").write_text(PROBE_TOOLS)
+    (tmp_path / "probe.yaml").write_text(PROBE_CONFIG)
+    (tmp_path / "script.yaml").write_text(PROBE_SCRIPT)
+    return {
+        "config": tmp_path / "probe.yaml",
+        "script": tmp_path / "script.yaml",
+        "env": {"PYTHONPATH": str(tmp_path), "PROBE_FILE": str(tmp_path / "probe.log")},
+    }
+
+
+async def recorded(mesh: Any, conversation: str, kind: str) -> list[dict[str, Any]]:
+    rows = (await query.query(mesh.nc, query.TRACE_SQL, {"id": conversation})).dicts()
+    return rows if any(r["kind"] == kind for r in rows) else []
+
+
+async def stream_messages(mesh: Any, subject: str) -> list[Envelope]:
+    sub = await mesh.js.subscribe(
+        subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    )
+    out = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            out.append(bus.decode(msg.data, 10**7))
+    except Exception:
+        return out
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_plain_text_task_flows_through_agent_gateway_and_into_clickhouse(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh()
+    await mesh.nc.publish(
+        "bl.task.analysis",
+        b'{"prompt": "What does 1000 in / 500 out cost?", "conversation_id": "e2e-1"}',
+    )
+    reply = await client.await_reply(mesh.nc, "e2e-1", timeout=30)
+    assert reply.kind.value == "reply", reply
+    assert reply.sender == "analyst"
+    assert "0.00045" in client.reply_text(reply)  # the calculator really ran
+
+    rows = await wait_for(lambda: recorded(mesh, "e2e-1", "reply"), timeout=20, what="rows")
+    kinds = [r["kind"] for r in rows]
+    for kind in ("task", "llm_response", "tool_result", "reply"):
+        assert kind in kinds, kinds
+    assert len({r["trace_id"] for r in rows}) == 1  # one task, one trace
+    llm_rows = [r for r in rows if r["kind"] == "llm_response"]
+    assert all(r["input_tokens"] > 0 and r["output_tokens"] > 0 for r in llm_rows)
+    assert len({r["id"] for r in rows}) == len(rows)  # no duplicate rows
+
+
+async def test_a_task_to_a_named_agent_replies_on_its_reply_to_subject(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh()
+    inbox = await mesh.nc.subscribe("my.private.inbox")
+    await mesh.nc.publish(
+        subjects.inbox("writer"),
+        json.dumps({"prompt": "Describe Beamline", "reply_to": "my.private.inbox"}).encode(),
+    )
+    msg = await inbox.next_msg(timeout=30)
+    reply = bus.decode(msg.data, 10**6)
+    assert reply.sender == "writer" and "OTP" in client.reply_text(reply)
+    calls = await mesh.fakellm_calls()
+    assert calls[-1]["endpoint"] == "/v1/messages"  # the writer talks Anthropic
+
+
+async def test_the_readme_nats_py_example_runs(start_mesh: MeshFactory) -> None:
+    mesh = await start_mesh()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "infra/examples/publish_task.py")],
+        env={"BEAMLINE_NATS_URL": mesh.mesh.nats_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "escalates to its parent" in out.stdout
+
+
+async def test_a_host_killed_mid_conversation_resumes_without_repeating_llm_or_tool_calls(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    mesh = await start_mesh(**probe_mesh_args(tmp_path))
+    probe = tmp_path / "probe.log"
+    await client.submit(mesh.nc, subjects.task("probe"), "please be slow", "kill-1")
+
+    async def second_llm_call_in_flight() -> bool:
+        return probe.exists() and len(await mesh.fakellm_calls()) == 2
+
+    await wait_for(second_llm_call_in_flight, timeout=20, what="the slow LLM call")
+    mesh.mesh.process("agent").kill()  # kill -9 while the agent waits on the LLM
+    await mesh.mesh.respawn("agent")
+
+    reply = await client.await_reply(mesh.nc, "kill-1", timeout=30)
+    assert client.reply_text(reply) == "done after noted: first"
+    assert probe.read_text().splitlines() == ["first"]  # the tool ran once
+    assert [c["rule"] for c in await mesh.fakellm_calls()] == ["note-it", "answer-slowly"]
+    replies = await stream_messages(mesh, subjects.reply("kill-1"))
+    assert len({r.id for r in replies}) == 1
+
+
+async def test_bad_input_is_dead_lettered_with_a_reason_and_recorded(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh()
+    bad = {
+        "bl.task.research": [b'{"prompt": "unterminated', b'{"promt": "typo"}', b"x" * 300_000],
+        "bl.task.astrology": [b"an unknown role"],
+        "bl.agent.nobody.inbox": [b"to an unknown agent"],
+    }
+    for subject, payloads in bad.items():
+        for data in payloads:
+            await mesh.js.publish(subject, data)
+
+    async def dead_letters() -> list[Envelope]:
+        found = await stream_messages(mesh, subjects.DLQ_ALL)
+        return found if len(found) >= 5 else []
+
+    letters = await wait_for(dead_letters, timeout=20, what="5 dead letters")
+    reasons = sorted(getattr(d.payload, "reason", "") for d in letters)
+    assert reasons == sorted(
+        ["not_json", "invalid_schema", "oversized", "unknown_role", "unknown_recipient"]
+    )
+    oversized = next(d for d in letters if getattr(d.payload, "reason", "") == "oversized")
+    assert getattr(oversized.payload, "original_bytes", 0) == 300_000
+
+    async def all_recorded() -> bool:
+        result = await query.query(
+            mesh.nc, "SELECT count() FROM bl_messages FINAL WHERE kind = 'dead_letter'"
+        )
+        return bool(result.rows[0][0] >= 5)
+
+    await wait_for(all_recorded, timeout=20, what="dead letters recorded")
+    # and the host still serves good work
+    conversation = await client.submit(mesh.nc, subjects.task("writing"), "still alive?")
+    assert (await client.await_reply(mesh.nc, conversation, timeout=30)).kind.value == "reply"
+
+
+async def test_an_unknown_tool_is_reported_to_the_llm_and_the_task_still_completes(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    mesh = await start_mesh(**probe_mesh_args(tmp_path))
+    conversation = await client.submit(mesh.nc, subjects.task("probe"), "call the ghost")
+    reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+    assert "recovered" in client.reply_text(reply)
+    assert "unknown_tool" in client.reply_text(reply)
+    journal = await stream_messages(mesh, f"bl.journal.prober.{conversation}")
+    results = [e.payload for e in journal if e.kind.value == "tool_result"]
+    assert [getattr(r, "error_reason", None) for r in results] == ["unknown_tool"]
+
+
+async def test_an_llm_answer_that_is_not_the_json_required_gets_an_error_reply(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    mesh = await start_mesh(**probe_mesh_args(tmp_path))
+    conversation = await client.submit(mesh.nc, subjects.task("json"), "give me json")
+    reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+    assert reply.kind.value == "error"
+    assert getattr(reply.payload, "reason", "") == "invalid_llm_output"
