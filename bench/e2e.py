@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from beamline import bus, subjects
-from beamline.envelope import Envelope, Kind, TaskPayload
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
+
+from beamline import bus, subjects
+from beamline.envelope import Envelope, Kind, TaskPayload
 
 AGENTS = 200
 
@@ -28,6 +29,7 @@ SCRIPT = 'default: {text: "ok: {last_user}"}\n'
 
 
 def write_inputs(work: Path) -> tuple[Path, Path]:
+    work.mkdir(parents=True, exist_ok=True)
     (work / "bench.yaml").write_text(CONFIG)
     (work / "script.yaml").write_text(SCRIPT)
     return work / "bench.yaml", work / "script.yaml"

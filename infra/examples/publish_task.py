@@ -1,6 +1,9 @@
 """Publish a task with nothing but nats-py and wait for its reply (the README's example)."""
 
-import asyncio, json, os, uuid  # noqa: E401
+import asyncio
+import json
+import os
+import uuid
 
 import nats
 

@@ -2,7 +2,6 @@
 
 from beamline.service import run
 from beamline.settings import MeshSettings
-
 from services.agent.service import main
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Role tasks -> agent mailboxes.
 
-`bl.task.<role>` is consumed by one durable consumer shared by every host. Each task goes to
+`bl.task.<role>` is consumed by one durable push consumer with a deliver group, shared
+by every host. Each task goes to
 one declared agent of that role, chosen by a hash of the conversation id so a conversation
 keeps talking to the same agent, and is re-published into that agent's mailbox with the task
 id as `Nats-Msg-Id`: a redelivered task de-duplicates instead of running twice.
@@ -8,20 +9,19 @@ id as `Nats-Msg-Id`: a redelivered task de-duplicates instead of running twice.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import zlib
 from collections.abc import Sequence
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.client import JetStreamContext
 
 from beamline import bus, subjects
 from beamline.config import AgentSpec
 from beamline.deadletter import dead_letter
 from beamline.errors import CallerError, Reason
-from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.client import JetStreamContext
-
 from services.agent import intake
 
 log = logging.getLogger("beamline.agent.dispatch")
@@ -32,41 +32,41 @@ def choose(agents: Sequence[AgentSpec], conversation_id: str) -> AgentSpec:
 
 
 class Dispatcher:
-    def __init__(
-        self, js: JetStreamContext, agents: Sequence[AgentSpec], max_bytes: int, batch: int
-    ) -> None:
-        self.js, self.max_bytes, self.batch = js, max_bytes, batch
+    def __init__(self, js: JetStreamContext, agents: Sequence[AgentSpec], max_bytes: int) -> None:
+        self.js, self.max_bytes = js, max_bytes
         self.by_role: dict[str, list[AgentSpec]] = {}
         for spec in agents:
             self.by_role.setdefault(spec.role, []).append(spec)
         self.dispatched = 0
         self.dead_lettered = 0
-
-    async def open(self) -> None:
-        await self.js.add_consumer(
-            subjects.STREAM_TASKS,
-            ConsumerConfig(
-                durable_name=subjects.CONSUMER_DISPATCH,
-                filter_subject=subjects.TASKS_ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
-                max_ack_pending=10_000,
-            ),
+        self._sub: Subscription | None = None
+        self._config = ConsumerConfig(
+            durable_name=subjects.CONSUMER_DISPATCH,
+            filter_subject=subjects.TASKS_ALL,
+            deliver_subject=subjects.DELIVER_DISPATCH,
+            deliver_group=subjects.CONSUMER_DISPATCH,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=10_000,
         )
 
-    async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.js.pull_subscribe_bind(subjects.CONSUMER_DISPATCH, subjects.STREAM_TASKS)
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(self.batch, timeout=1.0)
-            except (NatsTimeout, TimeoutError):
-                continue
-            except Exception as exc:
-                log.warning("dispatch fetch failed; retrying", extra={"error": repr(exc)})
-                await asyncio.sleep(0.5)
-                continue
-            await asyncio.gather(*(self._dispatch(m) for m in msgs))
-        await sub.unsubscribe()
+    async def open(self) -> None:
+        await self.js.add_consumer(subjects.STREAM_TASKS, self._config)
+
+    async def start(self) -> None:
+        # a deliver group: every host may bind, each task goes to one of them
+        self._sub = await self.js.subscribe_bind(
+            subjects.STREAM_TASKS,
+            self._config,
+            subjects.CONSUMER_DISPATCH,
+            cb=self._dispatch,
+            manual_ack=True,
+        )
+
+    async def stop_taking(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
 
     async def _dispatch(self, msg: Msg) -> None:
         meta = msg.metadata

@@ -12,11 +12,12 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from beamline import bus, subjects
 from beamline.envelope import Envelope, Kind, TaskPayload
 from beamline.errors import CallerError, Reason
 from beamline.ids import derived_id, is_token
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class TaskRequest(BaseModel):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from beamline import bus, subjects
-from beamline.envelope import Envelope
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
+
+from beamline import bus, subjects
+from beamline.envelope import Envelope
 
 log = logging.getLogger("beamline.agent.journal")
 

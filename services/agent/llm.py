@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from beamline import bus, subjects
-from beamline.envelope import Envelope, ErrorPayload, LLMResponsePayload
-from beamline.errors import CallerError, Reason, TransientError
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+
+from beamline import bus, subjects
+from beamline.envelope import Envelope, ErrorPayload, LLMResponsePayload
+from beamline.errors import CallerError, Reason, TransientError
 
 # Reasons the gateway reports that are worth retrying later rather than failing the task.
 _TRANSIENT = {

@@ -1,27 +1,29 @@
-"""Mailbox shards: one durable pull consumer per shard feeds the agents of that shard.
+"""Mailbox shards: one durable push consumer per shard feeds the agents of that shard.
 
-The host that owns a shard reads it in stream order and hands each message to its agent's
-queue; the message stays unacknowledged until the agent is done with it. On start, a shard
-whose previous owner died with messages in hand is rewound to its ack floor, so they are
-redelivered at once instead of after ack_wait; messages already finished are recognised
-from the journal and only acknowledged.
+The host that owns a shard receives its messages in stream order and hands each to its
+agent's queue; the message stays unacknowledged until the agent is done with it, and the
+server stops delivering when `max_ack_pending` messages are in hand. Push, not pull: pull
+`fetch` waits to fill a batch, which adds up to its timeout of latency to a trickle.
+
+On start, a shard whose previous owner died with messages in hand is rewound to its ack
+floor, so they are redelivered at once instead of after ack_wait; messages already finished
+are recognised from the journal and only acknowledged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
-from beamline import subjects
-from beamline.deadletter import dead_letter
-from beamline.errors import CallerError, Reason
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from beamline import subjects
+from beamline.deadletter import dead_letter
+from beamline.errors import CallerError, Reason
 from services.agent import intake
 from services.agent.runner import Agent, Delivery
 from services.agent.settings import AgentHostSettings
@@ -44,18 +46,20 @@ class Shard:
         self.in_flight: dict[int, Msg] = {}  # by stream sequence
         self.received = 0
         self.dead_lettered = 0
-        self._room = asyncio.Event()
-        self._room.set()
-
-    async def open(self) -> None:
-        config = ConsumerConfig(
+        self._sub: Subscription | None = None
+        self._config = ConsumerConfig(
             durable_name=self.name,
-            filter_subject=subjects.mailbox_shard(self.shard),
+            filter_subject=subjects.mailbox_shard(shard),
+            deliver_subject=subjects.mailbox_deliver(shard),
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.settings.ack_wait_s,
-            max_ack_pending=self.settings.max_in_flight,
+            ack_wait=settings.ack_wait_s,
+            max_ack_pending=settings.max_in_flight,
             max_deliver=-1,
         )
+
+    async def open(self) -> None:
+        """Create the consumer, or rewind one whose last owner died holding messages."""
+        config = self._config
         try:
             info = await self.js.consumer_info(subjects.STREAM_MAILBOX, self.name)
         except NotFoundError:
@@ -76,27 +80,20 @@ class Shard:
                 },
             )
 
-    async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.js.pull_subscribe_bind(self.name, subjects.STREAM_MAILBOX)
-        while not stop.is_set():
-            room = self.settings.max_in_flight - len(self.in_flight)
-            if room <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            try:
-                msgs = await sub.fetch(min(room, self.settings.fetch_batch), timeout=1.0)
-            except (NatsTimeout, TimeoutError):
-                continue
-            except Exception as exc:  # NATS restarting: pause, then fetch again
-                log.warning(
-                    "shard fetch failed; retrying", extra={"shard": self.shard, "error": repr(exc)}
-                )
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._route(msg)
-        await sub.unsubscribe()
+    async def start(self) -> None:
+        self._sub = await self.js.subscribe_bind(
+            subjects.STREAM_MAILBOX,
+            self._config,
+            self.name,
+            cb=self._route,
+            manual_ack=True,
+            pending_msgs_limit=self.settings.max_in_flight * 2,
+        )
+
+    async def stop_taking(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
 
     async def _route(self, msg: Msg) -> None:
         self.received += 1
@@ -112,8 +109,7 @@ class Shard:
                 )
             if meta.num_delivered > self.settings.max_deliveries:
                 raise CallerError(
-                    f"delivered {meta.num_delivered} times without being finished",
-                    Reason.POISON,
+                    f"delivered {meta.num_delivered} times without being finished", Reason.POISON
                 )
             task = intake.to_task(
                 msg.data,
@@ -142,11 +138,10 @@ class Shard:
 
     def done(self, msg: Msg) -> None:
         self.in_flight.pop(msg.metadata.sequence.stream, None)
-        self._room.set()
 
 
 class _Acker:
-    """Looks like a Msg to the agent; acknowledging also frees room in the shard."""
+    """Acknowledges the mailbox message and forgets it in the shard's in-flight table."""
 
     def __init__(self, msg: Msg, shard: Shard) -> None:
         self._msg, self._shard = msg, shard

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.client import JetStreamContext
+
 from beamline import bus, subjects
 from beamline import log as logctx
 from beamline.config import AgentSpec
@@ -31,10 +35,6 @@ from beamline.envelope import (
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
 from beamline.ids import derived_id
 from beamline.tools import get_tool
-from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
-from nats.js.client import JetStreamContext
-
 from services.agent import conversation as conv
 from services.agent import llm
 from services.agent.journal import Journal

@@ -7,9 +7,8 @@ import logging
 from typing import Any
 
 from beamline import bus, config, streams
-from beamline.service import answer_health, crash_on_error
+from beamline.service import answer_health
 from beamline.settings import MeshSettings
-
 from services.agent.dispatch import Dispatcher
 from services.agent.journal import Journal
 from services.agent.mailbox import Shard
@@ -31,7 +30,7 @@ async def main(stop: asyncio.Event) -> None:
     ctx = HostContext(nc=nc, js=js, journal=Journal(js), settings=settings)
     agents = {spec.name: Agent(spec, ctx) for spec in deployment.agents}
 
-    dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes, settings.fetch_batch)
+    dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes)
     await dispatcher.open()
     shards = [Shard(js, k, agents.get, settings, mesh.max_message_bytes) for k in shard_ids]
     for shard in shards:
@@ -48,11 +47,9 @@ async def main(stop: asyncio.Event) -> None:
         }
 
     health = await answer_health(nc, "agent", status)
-    taking = asyncio.Event()  # set = stop taking new messages
-    loops = [asyncio.create_task(dispatcher.run(taking), name="dispatch")]
-    loops += [asyncio.create_task(s.run(taking), name=f"shard-{s.shard}") for s in shards]
-    for loop in loops:
-        loop.add_done_callback(crash_on_error)
+    for shard in shards:
+        await shard.start()
+    await dispatcher.start()
     log.info(
         "agent host ready",
         extra={"host": settings.host_id, "agents": len(agents), "shards": len(shard_ids)},
@@ -60,8 +57,9 @@ async def main(stop: asyncio.Event) -> None:
     await stop.wait()
 
     # Graceful stop: stop taking work, finish what each agent has in hand, then close.
-    taking.set()
-    await asyncio.gather(*loops, return_exceptions=True)
+    await dispatcher.stop_taking()
+    for shard in shards:
+        await shard.stop_taking()
     await asyncio.gather(*(a.stop(timeout=10) for a in agents.values()))
     await health.unsubscribe()
     await nc.drain()

@@ -21,9 +21,7 @@ class AgentHostSettings(BaseSettings):
     bug_retries: int = Field(default=2, ge=0, description="Unexpected errors before poison.")
     max_deliveries: int = Field(default=5, ge=1, description="Redeliveries before poison.")
     max_in_flight: int = Field(default=5000, ge=1, description="Held messages per shard.")
-    fetch_batch: int = Field(default=256, ge=1, le=1000)
     ack_wait_s: float = Field(default=300.0, gt=0)
-    status_every_s: float = Field(default=60.0, gt=0, description="in_progress keep-alive.")
 
     def owned_shards(self, total: int) -> list[int]:
         if self.shards.strip() == "all":

@@ -14,11 +14,11 @@ from collections.abc import Generator
 from pathlib import Path
 
 import uvicorn
-from beamline import service
-from beamline.errors import ConfigError
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from beamline import service
+from beamline.errors import ConfigError
 from services.fakellm.app import create_app
 from services.fakellm.script import Script, ScriptError, default_script, load_script
 

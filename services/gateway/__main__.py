@@ -8,7 +8,6 @@ import logging
 from beamline import bus, config, streams, subjects
 from beamline.service import run
 from beamline.settings import MeshSettings
-
 from services.gateway.service import SERVICE, Gateway
 from services.gateway.settings import GatewaySettings
 

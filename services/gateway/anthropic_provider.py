@@ -15,7 +15,6 @@ import json
 from typing import Any
 
 from beamline.envelope import ChatMessage, LLMRequestPayload, ToolCall, Usage
-
 from services.gateway.providers import Completion, HttpRequest, need, token_count
 
 API_VERSION = "2023-06-01"

@@ -12,9 +12,10 @@ import contextlib
 import logging
 from typing import Any
 
+from nats.js.client import JetStreamContext
+
 from beamline import bus, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
-from nats.js.client import JetStreamContext
 
 log = logging.getLogger("services.gateway.events")
 

@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 from beamline.envelope import ChatMessage, LLMRequestPayload, ToolCall, Usage
-
 from services.gateway.providers import BadResponse, Completion, HttpRequest, need, token_count
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
+
 from beamline import bus
 from beamline.envelope import (
     DeadLetterPayload,
@@ -20,8 +22,6 @@ from beamline.envelope import (
     LLMResponsePayload,
 )
 from beamline.errors import Reason
-from pydantic import ValidationError
-
 from services.gateway.providers import Completion
 
 SENDER = "gateway"

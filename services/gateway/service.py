@@ -18,6 +18,11 @@ import os
 import time
 from typing import Any
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+
 from beamline import bus, subjects
 from beamline.config import Deployment
 from beamline.envelope import Envelope, LLMRequestPayload
@@ -25,11 +30,6 @@ from beamline.errors import CallerError, ConfigError, Reason
 from beamline.log import ctx
 from beamline.service import answer_health
 from beamline.settings import MeshSettings
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.kv import KeyValue
-
 from services.gateway import replies
 from services.gateway.breaker import ProviderBreaker
 from services.gateway.events import EventSink

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
+
 from beamline.config import Provider
 from beamline.envelope import LLMRequestPayload
 from beamline.errors import Reason
 from beamline.subjects import H_TRACEPARENT
-
 from services.gateway import retry
 from services.gateway.breaker import BreakerOpen, ProviderBreaker, ProviderFailure
+from services.gateway.http_pool import ClientPool
 from services.gateway.providers import BadResponse, Completion, HttpRequest, WireFormat, error_text
 from services.gateway.redaction import Redactor
 
@@ -80,10 +81,10 @@ class Upstream:
         self._rng = rng or random.Random()
         # pool=None: the gateway's own concurrency bound caps connections; waiting for a
         # pooled connection is not the provider's fault and must not look like a timeout.
-        self._client = httpx.AsyncClient(
+        self._pool = ClientPool(
+            max_connections,
             base_url=config.base_url.rstrip("/"),
             timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s, pool=None),
-            limits=httpx.Limits(max_connections=max_connections),
             transport=transport,
         )
 
@@ -92,7 +93,7 @@ class Upstream:
         return bool(self.config.api_key_env) and not self._api_key
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     async def complete(
         self, request: LLMRequestPayload, traceparent: str | None, deadline: float
@@ -152,8 +153,8 @@ class Upstream:
         # a provider trickling bytes cannot outlive the attempt (or the request's deadline).
         bound = min(remaining, self.config.connect_timeout_s + self.config.timeout_s)
         try:
-            async with asyncio.timeout(bound):
-                resp = await self._client.post(
+            async with asyncio.timeout(bound), self._pool.client() as client:
+                resp = await client.post(
                     http.path, json=http.body, headers=http.headers, timeout=timeout
                 )
         except httpx.ConnectTimeout:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
 from beamline import bus, subjects
 from beamline.config import Deployment
 from beamline.envelope import Envelope, ErrorPayload, Kind, ReplyPayload, TaskPayload
 from beamline.errors import CallerError, Reason
 from beamline.ids import uuid7
-from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 
 def target_subject(deployment: Deployment, target: str) -> str:

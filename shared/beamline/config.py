@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from beamline.errors import ConfigError
 from beamline.ids import is_token
 from beamline.tools import import_tool_modules, registered
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):

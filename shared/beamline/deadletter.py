@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from nats.js.client import JetStreamContext
+
 from beamline import bus, subjects
 from beamline.envelope import DeadLetterPayload, Envelope, Kind
 from beamline.errors import Reason
 from beamline.ids import derived_id
-from nats.js.client import JetStreamContext
 
 log = logging.getLogger("beamline.deadletter")
 

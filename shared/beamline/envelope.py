@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from beamline.ids import new_span_id, new_trace_id, uuid7
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from beamline.ids import new_span_id, new_trace_id, uuid7
 
 SCHEMA_VERSION = 1
 

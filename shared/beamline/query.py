@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from beamline import subjects
-from beamline.errors import CallerError, Reason, TransientError
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import BaseModel
+
+from beamline import subjects
+from beamline.errors import CallerError, Reason, TransientError
 
 
 class QueryResult(BaseModel):
@@ -42,7 +43,10 @@ async def query(
     reply = json.loads(msg.data)
     if "error" in reply:
         err = reply["error"]
-        raise CallerError(err.get("message", "query failed"), Reason.QUERY_REJECTED)
+        message = err.get("message", "query failed")
+        if err.get("reason") == Reason.STORAGE_UNAVAILABLE.value:
+            raise TransientError(message, Reason.STORAGE_UNAVAILABLE)
+        raise CallerError(message, Reason.QUERY_REJECTED)
     return QueryResult.model_validate(reply)
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from nats.aio.client import Client as NATS
+
 from beamline import bus, streams, subjects
 from beamline.settings import MeshSettings
 from beamline.testing import Process, nats_server_binary, start_process
-from nats.aio.client import Client as NATS
 
 log = logging.getLogger("beamline.runtime")
 

@@ -2,7 +2,7 @@
 
 URLs: `chdb://PATH` is an embedded in-process chDB engine (one engine path per process: the
 recorder owns it, and every other process reads through the recorder's `bl.query.sql`
-endpoint, client side in `beamline.query`); `http(s)://user:pass@host:port/db` is a ClickHouse server.
+endpoint, client side in `beamline.query`); `http(s)://user:pass@host:port/db` is a server.
 
 Every value a caller supplies reaches ClickHouse as a server-side parameter (`{name:Type}`
 in the SQL, `parameters=` to the client), never by string formatting.
@@ -28,16 +28,17 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import clickhouse_connect
 import orjson
-from beamline import ids, subjects
-from beamline.bus import parse_traceparent
-from beamline.envelope import Kind
-from beamline.errors import CallerError, ConfigError, Reason, TransientError
-from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.client import Client as Client  # re-exported: storage.Client
 from clickhouse_connect.driver.exceptions import (
     DatabaseError,
     OperationalError,
     StreamFailureError,
 )
+
+from beamline import ids, subjects
+from beamline.bus import parse_traceparent
+from beamline.envelope import Kind
+from beamline.errors import CallerError, ConfigError, Reason, TransientError
 
 log = logging.getLogger("beamline.storage")
 MESSAGES_TABLE: Final = "bl_messages"
@@ -340,7 +341,8 @@ def check_readonly_sql(sql: Any, parameters: Any = None) -> tuple[str, dict[str,
             f"send exactly one statement; got {len(statements)} separated by ';'",
             Reason.QUERY_REJECTED,
         )
-    statement = statements[0].strip()
+    # a newline ends a trailing `--` comment, so nothing a client appends can fall into it
+    statement = statements[0].strip() + "\n"
     words = _strip_comments(statement).split(None, 1)
     first = words[0].upper() if words else ""
     if first not in _READ_KEYWORDS:
@@ -463,6 +465,13 @@ def _u32(value: Any) -> int:
     return value
 
 
+def jetstream_ts_us(ts_ns: int) -> int:
+    """Microseconds of a JetStream timestamp, rounded as nats-py does for `msg.metadata`
+    (a float division): the agent intake stamps the envelope of a plain task with that
+    value, and its raw row must get the same ts to share the (ts, id) key."""
+    return (datetime.fromtimestamp(ts_ns / 1_000_000_000.0, UTC) - _EPOCH) // _US
+
+
 def raw_row(
     data: bytes,
     reason: str,
@@ -470,12 +479,22 @@ def raw_row(
     subject: str,
     stream: str,
     stream_seq: int,
-    stream_ts_us: int,
     max_message_bytes: int,
+    stream_ts_ns: int | None = None,
+    stream_ts_us: int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> list[Any]:
-    """A row for a message that is not a valid envelope: kind `raw`, an id derived from its
-    place in the stream, the (truncated) text as payload, and the trace from `traceparent`."""
+    """A row for a message that is not a valid envelope: kind `raw`, the id
+    `derived_id(stream, seq)` (the id the agent intake gives the task it makes of it), the
+    stream's timestamp, the (truncated) text as payload, and the trace from `traceparent`.
+    The timestamp: `stream_ts_ns` as JetStream gives it (rounded like nats-py, see
+    `jetstream_ts_us`), or `stream_ts_us` taken as is."""
+    if stream_ts_ns is not None:
+        ts = jetstream_ts_us(stream_ts_ns)
+    elif stream_ts_us is not None:
+        ts = stream_ts_us
+    else:
+        raise TypeError("raw_row needs stream_ts_ns or stream_ts_us")
     trace_id, parent = "", ""
     if headers:
         tp = parse_traceparent(headers.get(subjects.H_TRACEPARENT))
@@ -492,7 +511,7 @@ def raw_row(
         trace_id,
         "",
         parent,
-        stream_ts_us,
+        ts,
         0,
         0,
         reason,
@@ -508,8 +527,9 @@ def envelope_row(
     subject: str,
     stream: str,
     stream_seq: int,
-    stream_ts_us: int,
     max_message_bytes: int,
+    stream_ts_ns: int | None = None,
+    stream_ts_us: int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> list[Any]:
     """One `bl_messages` row (in COLUMNS order) from a message as stored in a stream.
@@ -537,6 +557,7 @@ def envelope_row(
         subject=subject,
         stream=stream,
         stream_seq=stream_seq,
+        stream_ts_ns=stream_ts_ns,
         stream_ts_us=stream_ts_us,
         max_message_bytes=max_message_bytes,
         headers=headers,
@@ -649,15 +670,17 @@ def insert_rows(client: Client, rows: Sequence[Sequence[Any]], token: str | None
     return len(rows)
 
 
-def existing_ids(client: Client, candidate_ids: Sequence[str]) -> set[str]:
-    """Which of these ids bl_messages already holds (one parameterized query)."""
+def stored_ids(client: Client, candidate_ids: Sequence[str]) -> dict[str, bool]:
+    """Which of these ids bl_messages already holds (one parameterized query), each with
+    True when an envelope row is stored for it, False when only a raw row is."""
     if not candidate_ids:
-        return set()
+        return {}
     result = client.query(
-        f"SELECT DISTINCT id FROM {MESSAGES_TABLE} WHERE id IN {{ids:Array(String)}}",
+        f"SELECT id, max(kind != 'raw') FROM {MESSAGES_TABLE}"
+        " WHERE id IN {ids:Array(String)} GROUP BY id",
         parameters={"ids": list(candidate_ids)},
     )
-    return {str(r[0]) for r in result.result_rows}
+    return {str(r[0]): bool(r[1]) for r in result.result_rows}
 
 
 # --- reads -----------------------------------------------------------------------------
@@ -716,6 +739,9 @@ def _as_datetime(value: Any) -> datetime:
 def rows_from_result(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[MessageRow]:
     """Typed rows from a result with MESSAGE_FIELDS columns, from a client or a
     `bl.query.sql` answer (where timestamps arrive as ISO 8601 text)."""
+    rows = list(rows)
+    if not rows:  # an empty Native result may come without column names
+        return []
     index = {name: i for i, name in enumerate(columns)}
     missing = [f for f in MESSAGE_FIELDS if f not in index]
     if missing:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from beamline import subjects
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
@@ -24,6 +23,8 @@ from nats.js.api import (
 )
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
+
+from beamline import subjects
 
 log = logging.getLogger("beamline.streams")
 

@@ -55,6 +55,14 @@ def mailbox_consumer(shard: int) -> str:
     return f"mbox-{shard}"
 
 
+# Push consumers deliver here; outside every stream's subjects, one prefix per service.
+DELIVER_DISPATCH: Final = "_bl.deliver.agent.dispatch"
+
+
+def mailbox_deliver(shard: int) -> str:
+    return f"_bl.deliver.agent.mbox.{shard}"
+
+
 # --- queue groups ----------------------------------------------------------
 QUEUE_GATEWAY: Final = "gateway"
 QUEUE_RECORDER: Final = "recorder"

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ValidationError, create_model
+
 from beamline.envelope import ToolSpec
 from beamline.errors import CallerError, ConfigError, Reason
-from pydantic import BaseModel, ValidationError, create_model
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from nats.aio.client import Client as NATS
+
 from beamline import bus
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 from beamline.testing import free_port
-from nats.aio.client import Client as NATS
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM = ROOT / "infra/examples/research-team.yaml"

@@ -3,16 +3,18 @@ fakellm (real HTTP), replies on their subject, every message recorded in ClickHo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
 from beamline import bus, client, query, subjects
 from beamline.envelope import Envelope
 from beamline.testing import wait_for
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .conftest import ROOT, MeshFactory
 
@@ -135,7 +137,8 @@ async def test_a_task_to_a_named_agent_replies_on_its_reply_to_subject(
 
 async def test_the_readme_nats_py_example_runs(start_mesh: MeshFactory) -> None:
     mesh = await start_mesh()
-    out = subprocess.run(
+    out = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, str(ROOT / "infra/examples/publish_task.py")],
         env={"BEAMLINE_NATS_URL": mesh.mesh.nats_url, "PATH": "/usr/bin:/bin"},
         capture_output=True,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from beamline.testing import Process, free_port, start_service, wait_for
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,6 +14,7 @@ import httpx
 import httpx2
 import openai
 import pytest
+
 from beamline.testing import Process, free_port, start_service, wait_for
 
 pytestmark = pytest.mark.timeout(30)

@@ -13,6 +13,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from beamline import bus, subjects
 from beamline.envelope import (
     ChatMessage,
@@ -26,8 +29,6 @@ from beamline.envelope import (
     ToolSpec,
 )
 from beamline.testing import NatsServer, Process, free_port, mesh_env, start_service, wait_for
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 pytestmark = pytest.mark.timeout(60)
 

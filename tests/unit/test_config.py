@@ -34,12 +34,21 @@ def test_environment_variables_expand_with_defaults(monkeypatch: pytest.MonkeyPa
     [
         ("agents: [", "not valid YAML"),
         ("- 1", "expected a mapping"),
-        (GOOD.replace("provider: p", "provider: q"), "agents[0].models[0].provider: unknown provider 'q'"),
-        (GOOD + "  - {name: a, role: r, models: [{provider: p, model: m}]}\n", "duplicate agent name 'a'"),
+        (
+            GOOD.replace("provider: p", "provider: q"),
+            "agents[0].models[0].provider: unknown provider 'q'",
+        ),
+        (
+            GOOD + "  - {name: a, role: r, models: [{provider: p, model: m}]}\n",
+            "duplicate agent name 'a'",
+        ),
         (GOOD.replace("name: a", "name: 'a b'"), "agents[0]: name must be"),
         (GOOD.replace("kind: openai", "kind: bard"), "providers.p.kind"),
         (GOOD + "surprise: 1\n", "surprise"),
-        (GOOD.replace("${TEST_BASE:-http://127.0.0.1:1}", "${NOT_SET_ANYWHERE_42}"), "NOT_SET_ANYWHERE_42 is not set"),
+        (
+            GOOD.replace("${TEST_BASE:-http://127.0.0.1:1}", "${NOT_SET_ANYWHERE_42}"),
+            "NOT_SET_ANYWHERE_42 is not set",
+        ),
     ],
 )
 def test_bad_deployments_are_rejected_naming_the_field(text: str, message: str) -> None:

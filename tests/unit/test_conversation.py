@@ -19,7 +19,11 @@ from services.agent import conversation as conv
 
 SPEC = AgentSpec(name="a", role="r", models=(ModelChoice(provider="p", model="m"),), max_steps=3)
 TASK = Envelope(
-    kind=Kind.TASK, sender="cli", recipient="a", conversation_id="c", payload=TaskPayload(prompt="q")
+    kind=Kind.TASK,
+    sender="cli",
+    recipient="a",
+    conversation_id="c",
+    payload=TaskPayload(prompt="q"),
 )
 
 

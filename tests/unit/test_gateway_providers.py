@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from beamline.envelope import ChatMessage, LLMRequestPayload, ToolCall, ToolSpec
 
+from beamline.envelope import ChatMessage, LLMRequestPayload, ToolCall, ToolSpec
 from services.gateway.anthropic_provider import AnthropicWire
 from services.gateway.openai_provider import OpenAIWire
 from services.gateway.providers import BadResponse, error_text, wire_for

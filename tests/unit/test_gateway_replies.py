@@ -6,6 +6,7 @@ import asyncio
 
 import orjson
 import pytest
+
 from beamline import bus
 from beamline.envelope import (
     ChatMessage,
@@ -17,7 +18,6 @@ from beamline.envelope import (
     Usage,
 )
 from beamline.errors import Reason
-
 from services.gateway import replies
 from services.gateway.idempotency import Singleflight
 from services.gateway.providers import Completion

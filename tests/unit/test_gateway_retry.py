@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from beamline.errors import Reason
 
+from beamline.errors import Reason
 from services.gateway import retry
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)

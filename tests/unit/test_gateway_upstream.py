@@ -9,10 +9,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
+
 from beamline.config import Provider
 from beamline.envelope import ChatMessage, LLMRequestPayload
 from beamline.errors import Reason
-
 from services.gateway.breaker import ProviderBreaker
 from services.gateway.providers import wire_for
 from services.gateway.redaction import Redactor

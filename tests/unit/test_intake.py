@@ -38,7 +38,11 @@ def test_the_publisher_id_and_traceparent_are_honoured() -> None:
 
 def test_a_full_envelope_is_accepted_as_is() -> None:
     sent = Envelope(
-        kind=Kind.TASK, sender="x", recipient="?", conversation_id="c", payload=TaskPayload(prompt="p")
+        kind=Kind.TASK,
+        sender="x",
+        recipient="?",
+        conversation_id="c",
+        payload=TaskPayload(prompt="p"),
     )
     got = to_task(sent.model_dump_json().encode())
     assert got.id == sent.id and got.recipient == "a"
@@ -64,7 +68,10 @@ def test_bad_tasks_are_refused_with_a_reason(data: bytes, reason: Reason) -> Non
 
 def test_an_envelope_of_another_kind_is_not_a_task() -> None:
     reply = Envelope(
-        kind=Kind.REPLY, sender="x", recipient="y", conversation_id="c",
+        kind=Kind.REPLY,
+        sender="x",
+        recipient="y",
+        conversation_id="c",
         payload=ReplyPayload(task_id="t", text="hi"),
     )
     with pytest.raises(CallerError, match="reply envelope"):
