@@ -19,6 +19,7 @@ from beamline.settings import MeshSettings
 def _mesh_options(args: argparse.Namespace) -> RuntimeOptions:
     return RuntimeOptions(
         nats_port=args.nats_port,
+        monitor_port=args.monitor_port,
         fakellm=not args.no_fakellm,
         fakellm_port=args.fakellm_port,
         external_nats_url=os.environ.get("BEAMLINE_NATS_URL"),
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def mesh_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--nats-port", type=int, default=4222)
+        sp.add_argument("--monitor-port", type=int, default=8222, help="NATS monitoring (HTTP)")
         sp.add_argument("--fakellm-port", type=int, default=8399)
         sp.add_argument("--no-fakellm", action="store_true", help="do not start fakellm")
 

@@ -14,7 +14,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from beamline import bus, client, query, subjects
 from beamline.envelope import Envelope
-from beamline.testing import wait_for
+from beamline.testing import free_port, wait_for
 
 from .conftest import ROOT, MeshFactory
 
@@ -135,11 +135,20 @@ async def test_a_task_to_a_named_agent_replies_on_its_reply_to_subject(
     assert calls[-1]["endpoint"] == "/v1/messages"  # the writer talks Anthropic
 
 
-async def test_the_readme_nats_py_example_runs(start_mesh: MeshFactory) -> None:
+def readme_block(heading: str) -> str:
+    """The first python code block under a README heading, exactly as a user copies it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(heading, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_the_readme_nats_py_example_runs(start_mesh: MeshFactory, tmp_path: Path) -> None:
     mesh = await start_mesh()
+    example = tmp_path / "example.py"
+    example.write_text(readme_block("### With nats-py"))
     out = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(ROOT / "infra/examples/publish_task.py")],
+        [sys.executable, str(example)],
         env={"BEAMLINE_NATS_URL": mesh.mesh.nats_url, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -230,3 +239,75 @@ async def test_an_llm_answer_that_is_not_the_json_required_gets_an_error_reply(
     reply = await client.await_reply(mesh.nc, conversation, timeout=30)
     assert reply.kind.value == "error"
     assert getattr(reply.payload, "reason", "") == "invalid_llm_output"
+
+
+HANG_CONFIG = """
+version: 1
+providers:
+  slow: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 0.5,
+         max_attempts: 1, breaker_fail_max: 2, breaker_reset_s: 60}
+agents:
+  - {name: waiter, role: wait, models: [{provider: slow, model: m}]}
+"""
+HANG_SCRIPT = "rules:\n  - {name: hang, match: {}, fault: {hang: true}}\ndefault: {text: unused}\n"
+
+
+async def test_a_hanging_provider_times_out_opens_the_breaker_and_the_event_is_recorded(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "hang.yaml").write_text(HANG_CONFIG)
+    (tmp_path / "hang-script.yaml").write_text(HANG_SCRIPT)
+    mesh = await start_mesh(
+        config=tmp_path / "hang.yaml",
+        script=tmp_path / "hang-script.yaml",
+        env={"BEAMLINE_AGENT_TRANSIENT_RETRIES": "0"},
+    )
+    reasons = []
+    for i in range(3):
+        conversation = await client.submit(mesh.nc, subjects.task("wait"), f"question {i}")
+        reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+        reasons.append(getattr(reply.payload, "reason", None))
+    # two timeouts trip the breaker; the third call is refused without reaching the provider
+    assert reasons == ["provider_timeout", "provider_timeout", "provider_unavailable"]
+    assert len(await mesh.fakellm_calls()) == 2
+
+    async def breaker_event_recorded() -> list[list[Any]]:
+        result = await query.query(
+            mesh.nc,
+            "SELECT subject, payload FROM bl_messages FINAL WHERE kind = 'event' "
+            "AND subject = {s:String}",
+            {"s": "bl.events.gateway.breaker_opened"},
+        )
+        return result.rows
+
+    rows = await wait_for(breaker_event_recorded, timeout=20, what="breaker_opened recorded")
+    assert json.loads(rows[0][1])["data"]["provider"] == "slow"
+
+
+async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_trace(
+    tmp_path: Path,
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "beamline"),
+        "demo",
+        "--nats-port",
+        str(free_port()),
+        "--fakellm-port",
+        str(free_port()),
+        "--monitor-port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp_path / "demo"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert text.count("← ") == 3 and "error [" not in text
+    assert "tool search_notes" in text and "reply:" in text  # the printed trace
