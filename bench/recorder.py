@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 
 from beamline import bus, storage, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
+from beamline.rows import envelope_row, insert_rows
 from beamline.testing import Process, mesh_env, start_service
 from services.recorder.settings import RecorderSettings
 
@@ -89,7 +90,7 @@ def raw_insert_rows_per_s(work: Path, payloads: list[bytes]) -> dict[str, Any]:
     client = storage.connect(f"chdb://{work / 'ch-raw'}")
     storage.migrate(client)
     rows = [
-        storage.envelope_row(
+        envelope_row(
             data,
             subject="bl.events.bench.tick",
             stream=subjects.STREAM_EVENTS,
@@ -102,6 +103,6 @@ def raw_insert_rows_per_s(work: Path, payloads: list[bytes]) -> dict[str, Any]:
     batch = RecorderSettings().batch_size
     started = time.perf_counter()
     for chunk in range(0, len(rows), batch):
-        storage.insert_rows(client, rows[chunk : chunk + batch])
+        insert_rows(client, rows[chunk : chunk + batch])
     elapsed = time.perf_counter() - started
     return {"raw_insert_rows_per_s": round(len(rows) / elapsed, 1), "raw_insert_batch": batch}

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from beamline.storage import ID, KIND, KIND_RAW, dedup_token
+from beamline.rows import ID, KIND, KIND_RAW, dedup_token
 
 M = TypeVar("M")
 

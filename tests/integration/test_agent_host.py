@@ -311,3 +311,25 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
     assert proc.returncode == 0, text
     assert text.count("← ") == 3 and "error [" not in text
     assert "tool search_notes" in text and "reply:" in text  # the printed trace
+
+
+async def test_the_mesh_keeps_serving_after_the_nats_server_restarts(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh()
+    first = await client.submit(mesh.nc, subjects.task("writing"), "before the restart")
+    assert (await client.await_reply(mesh.nc, first, timeout=30)).kind.value == "reply"
+
+    nats = mesh.mesh.process("nats-server")
+    nats.kill()  # kill -9: JetStream recovers from its store on the same port
+    await mesh.mesh.respawn("nats-server")
+    await wait_for(lambda: mesh.nc.is_connected, timeout=20, what="test client reconnected")
+
+    async def answered_after_restart() -> bool:
+        conversation = await client.submit(mesh.nc, subjects.task("writing"), "after it")
+        reply = await client.await_reply(mesh.nc, conversation, timeout=15)
+        return reply.kind.value == "reply"
+
+    assert await wait_for(answered_after_restart, timeout=60, interval=0.5, what="a reply")
+    for name in ("agent", "gateway", "recorder"):
+        assert mesh.mesh.process(name).alive(), mesh.logs(name)[-2000:]

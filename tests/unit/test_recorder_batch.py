@@ -8,15 +8,16 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATSClient
 
-from beamline import storage
+from beamline import rows
 from services.recorder import fastpath
+from services.recorder.backoff import backoff
 from services.recorder.batch import Batch
-from services.recorder.service import backoff, parse_ack_reply
+from services.recorder.puller import parse_ack_reply
 
 
 def row(row_id: str, kind: str = "task") -> list[Any]:
-    r: list[Any] = [row_id] + [""] * (len(storage.COLUMNS) - 1)
-    r[storage.KIND] = kind
+    r: list[Any] = [row_id] + [""] * (len(rows.COLUMNS) - 1)
+    r[rows.KIND] = kind
     return r
 
 
@@ -137,7 +138,7 @@ def test_an_envelope_is_preferred_over_a_raw_row_with_the_same_id() -> None:
     b.add(row("t1", "raw"), "plain task", now=0)
     assert b.add(row("t1", "task"), "its envelope", now=0)  # replaces the raw row
     assert not b.add(row("t1", "raw"), "raw again", now=0)  # never the other way
-    assert [r[storage.KIND] for r in b.rows] == ["task"] and len(b) == 3
+    assert [r[rows.KIND] for r in b.rows] == ["task"] and len(b) == 3
     b.add(row("r1", "raw"), "other", now=0)
     # stored: t1 only as raw, r1 as raw -> keep the envelope t1, drop the raw r1
     assert b.drop({"t1": False, "r1": False}) == 1

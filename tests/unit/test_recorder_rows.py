@@ -1,4 +1,4 @@
-"""storage.envelope_row: envelopes to bl_messages rows, and what is not an envelope to `raw`."""
+"""envelope_row: envelopes to bl_messages rows, and what is not an envelope to `raw`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from beamline import bus, ids, storage
+from beamline import bus, ids, rows
 from beamline.envelope import (
     ChatMessage,
     DeadLetterPayload,
@@ -37,9 +37,9 @@ def make_row(data: bytes, headers: dict[str, str] | None = None, **kw: Any) -> d
         "headers": headers,
     }
     args.update(kw)
-    row = storage.envelope_row(data, **args)
-    assert len(row) == len(storage.COLUMNS) == len(storage.COLUMN_TYPES)
-    return dict(zip(storage.COLUMNS, row, strict=True))
+    row = rows.envelope_row(data, **args)
+    assert len(row) == len(rows.COLUMNS) == len(rows.COLUMN_TYPES)
+    return dict(zip(rows.COLUMNS, row, strict=True))
 
 
 def task_envelope() -> Envelope:
@@ -130,10 +130,10 @@ def test_usage_and_reason_header() -> None:
 
 
 def raw_expectations(r: dict[str, Any], reason: str, seq: int = 42) -> None:
-    assert r["kind"] == storage.KIND_RAW == "raw"
+    assert r["kind"] == rows.KIND_RAW == "raw"
     assert r["reason"] == reason
     assert r["id"] == ids.derived_id("BL_TASKS", str(seq))
-    assert r["ts"] == storage.jetstream_ts_us(STREAM_TS_NS)
+    assert r["ts"] == rows.jetstream_ts_us(STREAM_TS_NS)
     assert r["stream"] == "BL_TASKS" and r["stream_seq"] == seq
 
 
@@ -219,8 +219,8 @@ def test_oversized_is_raw_and_truncated() -> None:
 def test_poison_row_is_strings_only_and_keeps_the_id() -> None:
     bad = make_row(bus.encode(task_envelope()))
     values = list(bad.values())
-    values[storage.COLUMNS.index("ts")] = "not a time"
-    p = dict(zip(storage.COLUMNS, storage.poison_row(values, MAX), strict=True))
+    values[rows.COLUMNS.index("ts")] = "not a time"
+    p = dict(zip(rows.COLUMNS, rows.poison_row(values, MAX), strict=True))
     assert p["id"] == bad["id"] and p["kind"] == "raw" and p["reason"] == "poison"
     assert p["ts"] == 0 and p["stream_seq"] == 42
     assert orjson.loads(p["payload"])["ts"] == "not a time"
@@ -232,7 +232,7 @@ def test_raw_ts_is_rounded_like_nats_py_metadata() -> None:
     for ns in (STREAM_TS_NS, 1_795_000_000_999_999_999, 1_795_000_000_000_000_500, 0):
         reply = f"$JS.ACK.BL_TASKS.dispatch.1.7.7.{ns}.0"
         stamp = Msg(_client=None, reply=reply).metadata.timestamp  # type: ignore[arg-type]
-        assert storage.jetstream_ts_us(ns) == us(stamp)
+        assert rows.jetstream_ts_us(ns) == us(stamp)
         assert make_row(b"plain", stream_ts_ns=ns)["ts"] == us(stamp)
 
 

@@ -20,10 +20,29 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from beamline import bus, ids, storage
 from beamline.envelope import Envelope, Kind, ReplyPayload, TaskPayload
 from beamline.errors import CallerError, ConfigError, Reason, TransientError
+from beamline.readonly import check_readonly_sql, readonly_settings, run_readonly
+from beamline.reads import (
+    MESSAGE_FIELDS,
+    MessageRow,
+    conversation_rows,
+    rows_from_result,
+    trace_rows,
+)
+from beamline.rows import (
+    COLUMN_TYPES,
+    COLUMNS,
+    KIND,
+    REASON,
+    TS,
+    envelope_row,
+    insert_rows,
+    stored_ids,
+)
+from beamline.sqltext import split_statements
 from beamline.testing import free_port
 from services.recorder.batch import Batch
-from services.recorder.service import Store
 from services.recorder.settings import RecorderSettings
+from services.recorder.store import Store
 
 HOSTILE = [
     "' OR 1=1 --",
@@ -51,7 +70,7 @@ def client(chdb_url: str) -> Iterator[storage.Client]:
 
 @pytest.fixture(scope="session")
 def ro(chdb_url: str, client: storage.Client) -> Iterator[storage.Client]:
-    c = storage.connect(chdb_url, storage.readonly_settings(1, 100))
+    c = storage.connect(chdb_url, readonly_settings(1, 100))
     try:
         yield c
     finally:
@@ -71,7 +90,7 @@ def rows_for(conversation: str, n: int, stream: str = "BL_REPLIES") -> list[list
         for i in range(n - 1)
     ]
     return [
-        storage.envelope_row(
+        envelope_row(
             bus.encode(e),
             subject=f"bl.reply.{conversation}",
             stream=stream,
@@ -119,8 +138,8 @@ def test_migrate_is_idempotent_and_recorded(client: storage.Client) -> None:
         ("trace_id", "bloom_filter"),
     ]
     columns = client.query("DESCRIBE TABLE bl_messages").result_rows
-    assert [c[0] for c in columns][: len(storage.COLUMNS)] == list(storage.COLUMNS)
-    assert [c[1] for c in columns][: len(storage.COLUMNS)] == list(storage.COLUMN_TYPES)
+    assert [c[0] for c in columns][: len(COLUMNS)] == list(COLUMNS)
+    assert [c[1] for c in columns][: len(COLUMNS)] == list(COLUMN_TYPES)
 
 
 def test_schema_dir_override_and_bad_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +159,7 @@ def test_schema_dir_override_and_bad_dirs(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_split_statements_ignores_semicolons_in_quotes_and_comments() -> None:
     sql = "-- a; comment\nCREATE TABLE a (x String DEFAULT ';');\n/* ; */ SELECT 'it''s;' ;\n\n"
-    assert storage.split_statements(sql) == [
+    assert split_statements(sql) == [
         "-- a; comment\nCREATE TABLE a (x String DEFAULT ';')",
         "/* ; */ SELECT 'it''s;'",
     ]
@@ -151,10 +170,10 @@ def test_split_statements_ignores_semicolons_in_quotes_and_comments() -> None:
 
 def test_insert_token_makes_a_retried_batch_add_nothing(client: storage.Client) -> None:
     rows = rows_for("conv-token", 5)
-    storage.insert_rows(client, rows)
-    storage.insert_rows(client, rows)  # same ids, same order: same token
+    insert_rows(client, rows)
+    insert_rows(client, rows)  # same ids, same order: same token
     assert count(client, "conv-token") == 5
-    storage.insert_rows(client, rows[::-1])  # regrouped: a new token, the rows land again
+    insert_rows(client, rows[::-1])  # regrouped: a new token, the rows land again
     assert count(client, "conv-token") == 10
     # ...which is why the recorder drops stored ids first; reads use FINAL or uniqExact
     assert count(client, "conv-token", final=True) == 5
@@ -162,16 +181,16 @@ def test_insert_token_makes_a_retried_batch_add_nothing(client: storage.Client) 
         "SELECT uniqExact(id) FROM bl_messages WHERE conversation_id = 'conv-token'"
     ).result_rows[0][0]
     assert uniq == 5
-    found = storage.stored_ids(client, [rows[0][0], rows[3][0], "not-there"])
+    found = stored_ids(client, [rows[0][0], rows[3][0], "not-there"])
     assert found == {rows[0][0]: True, rows[3][0]: True}
-    assert storage.stored_ids(client, []) == {}
+    assert stored_ids(client, []) == {}
 
 
 def test_final_keeps_the_envelope_of_a_plain_task(client: storage.Client) -> None:
     """A plain task is recorded raw with derived_id(stream, seq); the intake's envelope of
     it has that id and the stream timestamp. FINAL keeps the envelope, whatever the order."""
     ns = 1_795_000_000_123_456_789
-    raw = storage.envelope_row(
+    raw = envelope_row(
         b'{"prompt": "hi", "conversation_id": "conv-plain"}',
         subject="bl.task.x",
         stream="BL_TASKS",
@@ -179,7 +198,7 @@ def test_final_keeps_the_envelope_of_a_plain_task(client: storage.Client) -> Non
         stream_ts_ns=ns,
         max_message_bytes=1000,
     )
-    assert raw[storage.KIND] == "raw"
+    assert raw[KIND] == "raw"
     env = Envelope(
         id=raw[0],
         kind=Kind.TASK,
@@ -189,7 +208,7 @@ def test_final_keeps_the_envelope_of_a_plain_task(client: storage.Client) -> Non
         ts=datetime.fromtimestamp(ns / 1e9, UTC),  # what nats-py's metadata gives
         payload=TaskPayload(prompt="hi"),
     )
-    enveloped = storage.envelope_row(
+    enveloped = envelope_row(
         bus.encode(env),
         subject="bl.mbox.1.agent",
         stream="BL_MAILBOX",
@@ -197,10 +216,10 @@ def test_final_keeps_the_envelope_of_a_plain_task(client: storage.Client) -> Non
         stream_ts_ns=ns + 5_000_000,
         max_message_bytes=1000,
     )
-    assert enveloped[storage.TS] == raw[storage.TS] and enveloped[0] == raw[0]
-    storage.insert_rows(client, [enveloped])
-    assert storage.stored_ids(client, [raw[0]]) == {raw[0]: True}
-    storage.insert_rows(client, [raw])  # the raw row lands after the envelope
+    assert enveloped[TS] == raw[TS] and enveloped[0] == raw[0]
+    insert_rows(client, [enveloped])
+    assert stored_ids(client, [raw[0]]) == {raw[0]: True}
+    insert_rows(client, [raw])  # the raw row lands after the envelope
     final = client.query(
         "SELECT kind, conversation_id FROM bl_messages FINAL WHERE id = {i:String}",
         parameters={"i": raw[0]},
@@ -219,7 +238,7 @@ class FakeClient:
         rows = list(zip(*columns, strict=True))
         if any(r[0] == "bad" and r[1] != "raw" for r in rows):
             raise DatabaseError("Code: 27. Cannot parse input")
-        self.stored += [(r[0], r[1], r[storage.REASON]) for r in rows]
+        self.stored += [(r[0], r[1], r[REASON]) for r in rows]
 
     def query(self, *a: Any, **kw: Any) -> Any:
         self.queries += 1
@@ -252,23 +271,23 @@ def test_poison_rows_are_isolated_and_stored_raw() -> None:
 
 def test_conversation_and_trace_rows_are_typed(client: storage.Client) -> None:
     rows = rows_for("conv-typed", 3)
-    storage.insert_rows(client, rows)
-    got = storage.conversation_rows(client, "conv-typed")
+    insert_rows(client, rows)
+    got = conversation_rows(client, "conv-typed")
     assert [r.id for r in got] == [r[0] for r in rows]
-    assert all(isinstance(r, storage.MessageRow) for r in got)
+    assert all(isinstance(r, MessageRow) for r in got)
     assert got[0].kind == "task" and got[1].kind == "reply" and got[1].step == 0
     assert got[0].ts.tzinfo is not None and got[0].payload_json()["prompt"] == "q"
-    trace = storage.trace_rows(client, got[0].trace_id)
+    trace = trace_rows(client, got[0].trace_id)
     assert [r.id for r in trace] == [r.id for r in got]
     # the same rows from a bl.query.sql answer (times as ISO 8601 text)
     as_text = [
         [
             v.isoformat() if hasattr(v, "isoformat") else v
-            for v in [getattr(r, f) for f in storage.MESSAGE_FIELDS]
+            for v in [getattr(r, f) for f in MESSAGE_FIELDS]
         ]
         for r in got
     ]
-    assert storage.rows_from_result(storage.MESSAGE_FIELDS, as_text) == got
+    assert rows_from_result(MESSAGE_FIELDS, as_text) == got
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)
@@ -276,10 +295,10 @@ def test_hostile_values_are_only_values(
     client: storage.Client, ro: storage.Client, hostile: str
 ) -> None:
     conversation = f"conv-hostile-{ids.uuid7()}"
-    storage.insert_rows(client, rows_for(conversation, 2))
-    assert storage.conversation_rows(client, hostile) == []
-    assert storage.trace_rows(client, hostile) == []
-    answer = storage.run_readonly(
+    insert_rows(client, rows_for(conversation, 2))
+    assert conversation_rows(client, hostile) == []
+    assert trace_rows(client, hostile) == []
+    answer = run_readonly(
         ro, "SELECT id FROM bl_messages WHERE conversation_id = {c:String}", {"c": hostile}
     )
     assert answer.rows == [] and answer.columns == ["id"] and answer.types == ["String"]
@@ -290,8 +309,8 @@ def test_hostile_values_are_only_values(
 
 
 def test_readonly_answers_reads(client: storage.Client, ro: storage.Client) -> None:
-    storage.insert_rows(client, rows_for("conv-ro", 2))
-    r = storage.run_readonly(
+    insert_rows(client, rows_for("conv-ro", 2))
+    r = run_readonly(
         ro,
         "SELECT kind, count() AS n, max(ts) AS last FROM bl_messages FINAL"
         " WHERE conversation_id = {c:String} GROUP BY kind ORDER BY kind",
@@ -307,7 +326,7 @@ def test_readonly_answers_reads(client: storage.Client, ro: storage.Client) -> N
         "WITH 1 AS x SELECT x",
         "  -- comment\n select 1",
     ):
-        storage.run_readonly(ro, sql)
+        run_readonly(ro, sql)
 
 
 @pytest.mark.parametrize(
@@ -332,12 +351,12 @@ def test_readonly_answers_reads(client: storage.Client, ro: storage.Client) -> N
 )
 def test_rejected_before_clickhouse(sql: Any, parameters: Any, why: str) -> None:
     with pytest.raises(CallerError, match=why) as info:
-        storage.check_readonly_sql(sql, parameters)
+        check_readonly_sql(sql, parameters)
     assert info.value.reason == Reason.QUERY_REJECTED
 
 
 def test_semicolons_in_strings_and_comments_are_one_statement() -> None:
-    sql, _ = storage.check_readonly_sql("SELECT ';' -- ; \n ;")
+    sql, _ = check_readonly_sql("SELECT ';' -- ; \n ;")
     assert sql == "SELECT ';' -- ;\n"
 
 
@@ -363,12 +382,10 @@ def test_chdb_enforces_readonly_itself(
 
 def test_limits_rows_and_time(ro: storage.Client) -> None:
     with pytest.raises(DatabaseError, match=r"TOO_MANY_ROWS|Limit for result"):
-        storage.run_readonly(ro, "SELECT number FROM numbers(1000)")
+        run_readonly(ro, "SELECT number FROM numbers(1000)")
     started = time.monotonic()
     with pytest.raises(DatabaseError, match=r"TIMEOUT|imeout"):
-        storage.run_readonly(
-            ro, "SELECT count() FROM numbers(1000000000000) WHERE sipHash64(number) = 0"
-        )
+        run_readonly(ro, "SELECT count() FROM numbers(1000000000000) WHERE sipHash64(number) = 0")
     assert time.monotonic() - started < 10
 
 

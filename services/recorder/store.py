@@ -1,0 +1,169 @@
+"""The recorder's ClickHouse clients: de-duplicated batch inserts, poison-row isolation, and
+read-only queries. Methods block: call them from a worker thread.
+
+Duplicates cannot arise: each insert carries a de-duplication token (sha256 of its ids), and
+rows of redelivered messages (or of a retried batch) whose ids are already stored are
+dropped first. A client whose call failed is closed and replaced on the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
+
+from beamline import readonly, rows, storage
+from beamline.errors import CallerError
+from services.recorder.batch import Batch
+from services.recorder.health import first_line
+from services.recorder.settings import RecorderSettings
+
+log = logging.getLogger("beamline.recorder")
+
+ClientFactory = Callable[..., Client]
+_STREAM = rows.COLUMNS.index("stream")
+_STREAM_SEQ = rows.COLUMNS.index("stream_seq")
+
+
+@dataclass
+class WriteResult:
+    inserted: int
+    skipped: int  # rows whose ids were already stored
+    poisoned: int = 0
+
+
+class Store:
+    """A writer client (inserts, id look-ups; used by one task at a time) and a read-only
+    reader client (bl.query.sql). Clients are created lazily, so a ClickHouse that is down
+    at start is retried instead of crashing the process."""
+
+    def __init__(
+        self,
+        url: str,
+        cfg: RecorderSettings,
+        max_message_bytes: int,
+        connect: ClientFactory = storage.connect,
+    ) -> None:
+        self.url = url
+        self.cfg = cfg
+        self.max_message_bytes = max_message_bytes
+        self._connect = connect
+        self._writer: Client | None = None
+        self._reader: Client | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def name(self) -> str:
+        """The URL without its password, for logs and health answers."""
+        return storage.redact_url(self.url)
+
+    def writer(self) -> Client:
+        with self._lock:
+            if self._writer is None:
+                client = self._connect(self.url)
+                try:
+                    storage.migrate(client)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        client.close()
+                    raise
+                self._writer = client
+            return self._writer
+
+    def reader(self) -> Client:
+        self.writer()  # the schema exists before anything reads it
+        with self._lock:
+            if self._reader is None:
+                self._reader = self._connect(
+                    self.url,
+                    readonly.readonly_settings(self.cfg.query_timeout_s, self.cfg.query_max_rows),
+                )
+            return self._reader
+
+    def write(self, batch: Batch[Any], isolate: bool = False) -> WriteResult:
+        client = self.writer()
+        try:
+            return self._write(client, batch, isolate)
+        except Exception:
+            self._discard("_writer", client)
+            raise
+
+    def query(self, sql: Any, parameters: Any) -> readonly.QueryResult:
+        client = self.reader()
+        try:
+            return readonly.run_readonly(client, sql, parameters)
+        except CallerError:
+            raise  # refused before it reached ClickHouse
+        except Exception:
+            self._discard("_reader", client)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            for client in (self._reader, self._writer):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        client.close()
+            self._reader = self._writer = None
+
+    def _discard(self, attr: str, client: Client) -> None:
+        """Drop a client after a failed call; the next call opens a fresh one. chDB keeps the
+        partial output of a query that failed mid-way in its handle and prepends it to the
+        next answer (chDB 4.4), and an HTTP client gets a clean session."""
+        with self._lock:
+            if getattr(self, attr) is client:
+                setattr(self, attr, None)
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def _write(self, client: Client, batch: Batch[Any], isolate: bool) -> WriteResult:
+        skipped = 0
+        check = batch.redelivered_ids()
+        if check:
+            skipped = batch.drop(rows.stored_ids(client, check))
+        if not batch.rows:
+            return WriteResult(0, skipped)
+        if not isolate:
+            rows.insert_rows(client, batch.rows, batch.token)
+            return WriteResult(len(batch.rows), skipped)
+        inserted, poisoned = self._insert_isolating(client, batch.rows)
+        return WriteResult(inserted, skipped, poisoned)
+
+    def _insert_isolating(self, client: Client, batch_rows: Sequence[list[Any]]) -> tuple[int, int]:
+        """Insert by halves until the rows ClickHouse refuses are alone; store each of those
+        as a raw `poison` row. A failure that is not about a row propagates."""
+        try:
+            rows.insert_rows(client, batch_rows)
+            return len(batch_rows), 0
+        except (OperationalError, OSError):
+            raise
+        except Exception as exc:
+            if len(batch_rows) == 1:
+                self._store_poison(client, batch_rows[0], exc)
+                return 1, 1
+            mid = len(batch_rows) // 2
+            a_ins, a_poi = self._insert_isolating(client, batch_rows[:mid])
+            b_ins, b_poi = self._insert_isolating(client, batch_rows[mid:])
+            return a_ins + b_ins, a_poi + b_poi
+
+    def _store_poison(self, client: Client, row: list[Any], exc: Exception) -> None:
+        rows.insert_rows(client, [rows.poison_row(row, self.max_message_bytes)])
+        log.error(
+            "ClickHouse refused a row; stored it as kind raw, reason poison",
+            extra={
+                "envelope_id": row[rows.ID],
+                "stream": row[_STREAM],
+                "stream_seq": row[_STREAM_SEQ],
+                "error": first_line(exc),
+            },
+        )
