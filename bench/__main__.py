@@ -44,6 +44,8 @@ async def bench_e2e(work: Path) -> dict[str, Any]:
             await e2e.e2e_tasks_per_s(nc, 200)  # warm up: imports, connections, caches
             result = await e2e.e2e_tasks_per_s(nc, E2E_TASKS)
             result.update(await e2e.raw_js_consume_per_s(nc, E2E_TASKS * 10))
+            fakellm = f"http://127.0.0.1:{options.fakellm_port}"
+            result.update(await e2e.raw_http_per_s(fakellm, min(E2E_TASKS, 2000)))
         finally:
             await nc.close()
     finally:
@@ -52,6 +54,7 @@ async def bench_e2e(work: Path) -> dict[str, Any]:
         result["e2e_tasks_per_s"] / result["raw_js_consume_per_s"], 4
     )
     result["e2e_target"] = ">= 1/16 = 0.0625 of raw"
+    result["e2e_ratio_vs_raw_http"] = round(result["e2e_tasks_per_s"] / result["raw_http_per_s"], 3)
     return result
 
 

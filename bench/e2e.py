@@ -92,3 +92,26 @@ async def raw_js_consume_per_s(nc: NATS, count: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     await js.delete_stream("BENCH_RAW")
     return {"raw_js_consume_per_s": round(count / elapsed, 1)}
+
+
+async def raw_http_per_s(fakellm_url: str, count: int) -> dict[str, Any]:
+    """The floor under any task: bare httpx -> fakellm chat completions, at the concurrency
+    that serves best on this machine (a few connections; see services/gateway/http_pool.py)."""
+    import httpx
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "task number 1"}]}
+    best = 0.0
+    for connections in (1, 4, 8):
+        async with httpx.AsyncClient(
+            base_url=fakellm_url, limits=httpx.Limits(max_connections=connections)
+        ) as client:
+            gate = asyncio.Semaphore(connections)
+
+            async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore) -> None:
+                async with gate:
+                    (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(client, gate) for _ in range(count)))
+            best = max(best, count / (time.perf_counter() - started))
+    return {"raw_http_per_s": round(best, 1)}

@@ -20,7 +20,7 @@ from nats.js.client import JetStreamContext
 
 from beamline import bus, subjects
 from beamline.config import AgentSpec
-from beamline.deadletter import dead_letter
+from beamline.deadletter import dead_letter_msg
 from beamline.errors import CallerError, Reason
 from services.agent import intake
 
@@ -69,9 +69,7 @@ class Dispatcher:
             self._sub = None
 
     async def _dispatch(self, msg: Msg) -> None:
-        meta = msg.metadata
         role = msg.subject.split(".", 2)[2]
-        origin = f"{subjects.STREAM_TASKS}:{meta.sequence.stream}"
         try:
             candidates = self.by_role.get(role)
             if not candidates:
@@ -79,27 +77,10 @@ class Dispatcher:
                     f"no agent has role {role!r} (roles: {sorted(self.by_role)})",
                     Reason.UNKNOWN_ROLE,
                 )
-            task = intake.to_task(
-                msg.data,
-                msg.headers,
-                recipient="?",
-                origin=origin,
-                received=meta.timestamp,
-                max_bytes=self.max_bytes,
-            )
+            task = intake.task_from_msg(msg, recipient="?", max_bytes=self.max_bytes)
         except CallerError as exc:
             self.dead_lettered += 1
-            await dead_letter(
-                self.js,
-                origin="task",
-                reason=exc.reason,
-                detail=str(exc),
-                subject=msg.subject,
-                data=msg.data,
-                key=origin,
-                ts=meta.timestamp,
-            )
-            await msg.ack()
+            await dead_letter_msg(self.js, msg, origin="task", error=exc)
             return
         agent = choose(candidates, task.conversation_id)
         task = task.model_copy(update={"recipient": agent.name})

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 
+from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from beamline import bus, subjects
@@ -28,6 +29,19 @@ class TaskRequest(BaseModel):
     conversation_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
     reply_to: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+def task_from_msg(msg: Msg, *, recipient: str, max_bytes: int) -> Envelope:
+    """A task envelope from a stored JetStream message (its place in the stream names it)."""
+    meta = msg.metadata
+    return to_task(
+        msg.data,
+        msg.headers,
+        recipient=recipient,
+        origin=f"{meta.stream}:{meta.sequence.stream}",
+        received=meta.timestamp,
+        max_bytes=max_bytes,
+    )
 
 
 def to_task(

@@ -22,7 +22,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from beamline import subjects
-from beamline.deadletter import dead_letter
+from beamline.deadletter import dead_letter_msg
 from beamline.errors import CallerError, Reason
 from services.agent import intake
 from services.agent.runner import Agent, Delivery
@@ -97,9 +97,7 @@ class Shard:
 
     async def _route(self, msg: Msg) -> None:
         self.received += 1
-        meta = msg.metadata
         agent_name = subjects.last_token(msg.subject, -1)
-        origin = f"{subjects.STREAM_MAILBOX}:{meta.sequence.stream}"
         agent = self.agents(agent_name)
         try:
             if agent is None:
@@ -107,33 +105,18 @@ class Shard:
                     f"no agent named {agent_name!r} is declared; check the name or the config",
                     Reason.UNKNOWN_RECIPIENT,
                 )
-            if meta.num_delivered > self.settings.max_deliveries:
+            if msg.metadata.num_delivered > self.settings.max_deliveries:
                 raise CallerError(
-                    f"delivered {meta.num_delivered} times without being finished", Reason.POISON
+                    f"delivered {msg.metadata.num_delivered} times without being finished",
+                    Reason.POISON,
                 )
-            task = intake.to_task(
-                msg.data,
-                msg.headers,
-                recipient=agent_name,
-                origin=origin,
-                received=meta.timestamp,
-                max_bytes=self.max_bytes,
-            )
+            task = intake.task_from_msg(msg, recipient=agent_name, max_bytes=self.max_bytes)
         except CallerError as exc:
             self.dead_lettered += 1
-            await dead_letter(
-                self.js,
-                origin="agent",
-                reason=exc.reason,
-                detail=str(exc),
-                subject=f"bl.agent.{agent_name}.inbox",
-                data=msg.data,
-                key=origin,
-                ts=meta.timestamp,
-            )
-            await msg.ack()
+            inbox = f"bl.agent.{agent_name}.inbox"  # where it was published, before the shard
+            await dead_letter_msg(self.js, msg, origin="agent", error=exc, subject=inbox)
             return
-        self.in_flight[meta.sequence.stream] = msg
+        self.in_flight[msg.metadata.sequence.stream] = msg
         agent.deliver(Delivery(task, _Acker(msg, self)))
 
     def done(self, msg: Msg) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from beamline import bus, client, config, query, traceview
+from beamline import bus, client, config, query, reads, traceview
 from beamline.errors import BeamlineError
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
@@ -69,7 +69,7 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     settings = MeshSettings()
     nc = await bus.connect(settings.nats_url, "beamline-cli")
     try:
-        result = await query.query(nc, query.TRACE_SQL, {"id": args.id})
+        result = await query.query(nc, reads.TRACE_SQL, {"id": args.id})
     finally:
         await nc.close()
     rows = result.dicts()

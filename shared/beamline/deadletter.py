@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from beamline import bus, subjects
 from beamline.envelope import DeadLetterPayload, Envelope, Kind
-from beamline.errors import Reason
+from beamline.errors import CallerError, Reason
 from beamline.ids import derived_id
 
 log = logging.getLogger("beamline.deadletter")
@@ -58,4 +59,25 @@ async def dead_letter(
         "dead-lettered; inspect with `beamline trace` or replay from the DLQ stream",
         extra={"reason": reason.value, "detail": detail, "subject": subject, "envelope_id": env_id},
     )
+    return env
+
+
+async def dead_letter_msg(
+    js: JetStreamContext, msg: Msg, *, origin: str, error: CallerError, subject: str | None = None
+) -> Envelope:
+    """Dead-letter a stored message a service cannot use, then acknowledge it: from here on
+    the dead-letter stream keeps it. `subject` overrides where it was published, for streams
+    that store messages under a rewritten subject."""
+    meta = msg.metadata
+    env = await dead_letter(
+        js,
+        origin=origin,
+        reason=error.reason,
+        detail=str(error),
+        subject=subject or msg.subject,
+        data=msg.data,
+        key=f"{meta.stream}:{meta.sequence.stream}",
+        ts=meta.timestamp,
+    )
+    await msg.ack()
     return env

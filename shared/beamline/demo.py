@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from beamline import bus, client, query, subjects, traceview
+from beamline import bus, client, query, reads, subjects, traceview
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 from beamline.testing import wait_for
@@ -44,7 +44,7 @@ async def run(options: RuntimeOptions, data_dir: Path) -> int:
             first = conversations[0]
 
             async def recorded() -> list[dict[str, object]] | None:
-                rows = (await query.query(nc, query.TRACE_SQL, {"id": first})).dicts()
+                rows = (await query.query(nc, reads.TRACE_SQL, {"id": first})).dicts()
                 return rows if any(r["kind"] == "reply" for r in rows) else None
 
             rows = await wait_for(

@@ -48,12 +48,3 @@ async def query(
             raise TransientError(message, Reason.STORAGE_UNAVAILABLE)
         raise CallerError(message, Reason.QUERY_REJECTED)
     return QueryResult.model_validate(reply)
-
-
-TRACE_SQL = """
-SELECT id, kind, sender, recipient, conversation_id, step, trace_id, span_id,
-       parent_span_id, ts, input_tokens, output_tokens, reason, payload
-FROM bl_messages FINAL
-WHERE conversation_id = {id:String} OR trace_id = {id:String} OR id = {id:String}
-ORDER BY ts, id
-"""

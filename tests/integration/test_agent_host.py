@@ -12,7 +12,7 @@ from typing import Any
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from beamline import bus, client, query, subjects
+from beamline import bus, client, query, reads, subjects
 from beamline.envelope import Envelope
 from beamline.testing import free_port, wait_for
 
@@ -77,7 +77,7 @@ def probe_mesh_args(tmp_path: Path) -> dict[str, Any]:
 
 
 async def recorded(mesh: Any, conversation: str, kind: str) -> list[dict[str, Any]]:
-    rows = (await query.query(mesh.nc, query.TRACE_SQL, {"id": conversation})).dicts()
+    rows = (await query.query(mesh.nc, reads.TRACE_SQL, {"id": conversation})).dicts()
     return rows if any(r["kind"] == kind for r in rows) else []
 
 
