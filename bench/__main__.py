@@ -67,6 +67,7 @@ async def bench_recorder(work: Path) -> dict[str, Any]:
             await streams.ensure_streams(nc.jetstream(), MeshSettings().mailbox_shards)
             payloads = [bus.encode(recorder.event(i)) for i in range(RECORDER_ROWS)]
             result = await recorder.recorder_rows_per_s(nc, server.url, work, RECORDER_ROWS)
+            result.update(await recorder.raw_js_receive_per_s(nc, RECORDER_ROWS))
         finally:
             await nc.close()
     finally:
@@ -76,6 +77,9 @@ async def bench_recorder(work: Path) -> dict[str, Any]:
         result["recorder_rows_per_s"] / result["raw_insert_rows_per_s"], 3
     )
     result["recorder_target"] = ">= 0.70 of raw"
+    result["recorder_ratio_vs_raw_receive"] = round(
+        result["recorder_rows_per_s"] / result["raw_js_receive_per_s"], 3
+    )
     return result
 
 

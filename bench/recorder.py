@@ -106,3 +106,33 @@ def raw_insert_rows_per_s(work: Path, payloads: list[bytes]) -> dict[str, Any]:
         insert_rows(client, rows[chunk : chunk + batch])
     elapsed = time.perf_counter() - started
     return {"raw_insert_rows_per_s": round(len(rows) / elapsed, 1), "raw_insert_batch": batch}
+
+
+async def raw_js_receive_per_s(nc: NATS, count: int) -> dict[str, Any]:
+    """The ceiling under the recorder: raw nats-py receiving the same stored envelopes (with
+    their headers) from a push consumer and acking each, doing nothing else."""
+    js = nc.jetstream()
+    done = asyncio.Event()
+    got = 0
+
+    async def on_msg(msg: Any) -> None:
+        nonlocal got
+        await msg.ack()
+        got += 1
+        if got >= count:
+            done.set()
+
+    started = time.perf_counter()
+    sub = await js.subscribe(
+        subjects.EVENTS_ALL,
+        stream=subjects.STREAM_EVENTS,
+        durable="bench-raw",
+        cb=on_msg,
+        manual_ack=True,
+        pending_msgs_limit=-1,
+        pending_bytes_limit=-1,
+    )
+    await asyncio.wait_for(done.wait(), timeout=300)
+    elapsed = time.perf_counter() - started
+    await sub.unsubscribe()
+    return {"raw_js_receive_per_s": round(count / elapsed, 1)}
