@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,3 +163,45 @@ def mesh_env(nats_url: str, data_dir: Path, **extra: Any) -> dict[str, str]:
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+# --- the Docker path: the same tests against containers ---------------------------------
+
+NATS_IMAGE = "nats:2.10-alpine"
+CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:24.8"
+
+
+def pick_test_backend() -> str:
+    """`docker` (testcontainers NATS + ClickHouse server) or `local` (nats-server binary +
+    chDB). BEAMLINE_TEST_BACKEND=docker|local forces one; by default Docker is used when a
+    Docker engine answers."""
+    wanted = os.environ.get("BEAMLINE_TEST_BACKEND", "auto")
+    if wanted in ("docker", "local"):
+        return wanted
+    if shutil.which("docker") is None:
+        return "local"
+    try:
+        probe = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "local"
+    return "docker" if probe.returncode == 0 else "local"
+
+
+@contextmanager
+def containers() -> Iterator[tuple[str, str]]:
+    """A JetStream NATS and a ClickHouse server in containers: (nats_url, clickhouse_url)."""
+    from testcontainers.community.clickhouse import ClickHouseContainer
+    from testcontainers.community.nats import NatsContainer
+
+    with (
+        NatsContainer(NATS_IMAGE, jetstream=True) as nats_c,
+        ClickHouseContainer(
+            CLICKHOUSE_IMAGE, port=8123, username="beamline", password="beamline", dbname="default"
+        ) as ch,
+    ):
+        nats_url = f"nats://{nats_c.get_container_host_ip()}:{nats_c.get_exposed_port(4222)}"
+        ch_url = (
+            f"http://beamline:beamline@{ch.get_container_host_ip()}:"
+            f"{ch.get_exposed_port(8123)}/default"
+        )
+        yield nats_url, ch_url

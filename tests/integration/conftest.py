@@ -4,6 +4,7 @@ gateway and agent host as real processes on free 127.0.0.1 ports, torn down even
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from nats.aio.client import Client as NATS
 from beamline import bus
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
-from beamline.testing import free_port
+from beamline.testing import containers, free_port, pick_test_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM = ROOT / "infra/examples/research-team.yaml"
@@ -45,9 +46,18 @@ class MeshHandle:
 MeshFactory = Callable[..., Any]
 
 
+BACKEND = pick_test_backend()
+needs_local_nats = pytest.mark.skipif(
+    BACKEND != "local", reason="restarts the nats-server process, which a container hides"
+)
+
+
 @pytest.fixture
 async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
+    """Start a mesh: on the local binaries (nats-server, chDB), or, where a Docker engine
+    runs, on a NATS and a ClickHouse server in containers (testcontainers) — same tests."""
     meshes: list[tuple[Mesh, NATS]] = []
+    stack = ExitStack()
 
     async def start(
         config: Path = TEAM,
@@ -55,8 +65,17 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
         env: dict[str, str] | None = None,
     ) -> MeshHandle:
         data_dir = tmp_path / f"mesh{len(meshes)}"
-        settings = MeshSettings(data_dir=data_dir, config=config, nats_url="nats://unused:1")
+        external_nats, clickhouse_url = None, ""
+        if BACKEND == "docker":
+            external_nats, clickhouse_url = stack.enter_context(containers())
+        settings = MeshSettings(
+            data_dir=data_dir,
+            config=config,
+            nats_url="nats://unused:1",
+            clickhouse_url=clickhouse_url,
+        )
         options = RuntimeOptions(
+            external_nats_url=external_nats,
             nats_port=free_port(),
             monitor_port=free_port(),
             fakellm_port=free_port(),
@@ -80,3 +99,4 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
         for mesh, nc in meshes:
             await nc.close()
             mesh.stop()
+        stack.close()

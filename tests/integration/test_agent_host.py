@@ -16,7 +16,7 @@ from beamline import bus, client, query, reads, subjects
 from beamline.envelope import Envelope
 from beamline.testing import free_port, wait_for
 
-from .conftest import ROOT, MeshFactory
+from .conftest import ROOT, MeshFactory, needs_local_nats
 
 PROBE_TOOLS = '''
 import os
@@ -313,6 +313,7 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
     assert "tool search_notes" in text and "reply:" in text  # the printed trace
 
 
+@needs_local_nats
 async def test_the_mesh_keeps_serving_after_the_nats_server_restarts(
     start_mesh: MeshFactory,
 ) -> None:
