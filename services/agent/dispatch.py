@@ -77,13 +77,14 @@ class Dispatcher:
                     f"no agent has role {role!r} (roles: {sorted(self.by_role)})",
                     Reason.UNKNOWN_ROLE,
                 )
-            task = intake.task_from_msg(msg, recipient="?", max_bytes=self.max_bytes)
+            task = intake.task_from_msg(msg, recipient=role, max_bytes=self.max_bytes)
         except CallerError as exc:
             self.dead_lettered += 1
             await dead_letter_msg(self.js, msg, origin="task", error=exc)
             return
+        # the envelope goes on unchanged (same id, same content): only its subject says which
+        # agent will handle it
         agent = choose(candidates, task.conversation_id)
-        task = task.model_copy(update={"recipient": agent.name})
         await bus.publish(self.js, subjects.inbox(agent.name), task)
         await msg.ack()
         self.dispatched += 1

@@ -77,7 +77,7 @@ def to_task(
                 f"a {env.kind.value} envelope was sent where a task was expected",
                 Reason.INVALID_SCHEMA,
             )
-        return env.model_copy(update={"recipient": recipient})
+        return env  # as sent: an envelope id always names the same content
     try:
         request = TaskRequest.model_validate(doc)
     except ValidationError as exc:

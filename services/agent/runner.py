@@ -223,11 +223,13 @@ class Agent:
         if response.usage:
             self.tokens += response.usage.total
         entry = response.model_copy(
-            # the request itself travels on core NATS and is not recorded: hang the response
-            # under the task so the trace tree stays connected
+            # The request travels on core NATS and is not recorded (it carries the whole
+            # history). The journaled response stands for the LLM call: it takes the request's
+            # span, under the task, so the gateway's events about the call nest beneath it.
             update={
                 "id": derived_id("llm_response", action.request_id),
                 "recipient": self.name,
+                "span_id": response.parent_span_id or response.span_id,
                 "parent_span_id": task.span_id,
             }
         )

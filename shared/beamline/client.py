@@ -29,13 +29,14 @@ def target_subject(deployment: Deployment, target: str) -> str:
 
 
 async def submit(nc: NATS, subject: str, prompt: str, conversation_id: str | None = None) -> str:
-    """Publish a task envelope (persisted by JetStream); return its conversation id."""
+    """Publish a task envelope (persisted by JetStream) to `bl.task.<role>` or
+    `bl.agent.<agent>.inbox`; return its conversation id."""
     task_id = uuid7()
     env = Envelope(
         id=task_id,
         kind=Kind.TASK,
         sender="cli",
-        recipient=subject,
+        recipient=subject.split(".")[2],  # the role or agent addressed
         conversation_id=conversation_id or task_id,
         payload=TaskPayload(prompt=prompt),
     )
