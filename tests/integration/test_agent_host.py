@@ -334,3 +334,23 @@ async def test_the_mesh_keeps_serving_after_the_nats_server_restarts(
     assert await wait_for(answered_after_restart, timeout=60, interval=0.5, what="a reply")
     for name in ("agent", "gateway", "recorder"):
         assert mesh.mesh.process(name).alive(), mesh.logs(name)[-2000:]
+
+
+async def test_a_graceful_stop_finishes_the_message_in_hand_before_exiting(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    mesh = await start_mesh(**probe_mesh_args(tmp_path))
+    await client.submit(mesh.nc, subjects.task("probe"), "please be slow", "stop-1")
+
+    async def slow_call_in_flight() -> bool:
+        return len(await mesh.fakellm_calls()) == 2
+
+    await wait_for(slow_call_in_flight, timeout=20, what="the slow LLM call")
+    code = await asyncio.to_thread(mesh.mesh.process("agent").stop, 20)
+    assert code == 0, mesh.logs("agent")[-2000:]
+    # it finished the task it held (journal, reply, ack) before exiting
+    replies = await stream_messages(mesh, subjects.reply("stop-1"))
+    assert [client.reply_text(r) for r in replies] == ["done after noted: first"]
+    mailboxes = await mesh.js.consumers_info(subjects.STREAM_MAILBOX)
+    assert sum(c.num_ack_pending for c in mailboxes) == 0  # acked before the exit
+    assert len(await mesh.fakellm_calls()) == 2
