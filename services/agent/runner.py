@@ -105,7 +105,8 @@ class Agent:
 
     async def stop(self, timeout: float) -> None:
         """Finish the message in hand (journal, then ack); leave the rest for redelivery."""
-        pending = list(self.queue)[1:] if self.state != State.IDLE else list(self.queue)
+        busy = self._worker is not None and not self._worker.done()
+        pending = list(self.queue)[1:] if busy else list(self.queue)
         for delivery in pending:
             self.queue.remove(delivery)
         if self._worker and not self._worker.done():
@@ -176,6 +177,8 @@ class Agent:
             self.state = State.RUNNING
             await self.ctx.journal.append(self.name, task)
         while True:
+            # read the journal afresh each step: the cache may have swapped the list
+            journal = await self.ctx.journal.load(self.name, task.conversation_id)
             action = conv.next_action(self.spec, journal, task.id)
             match action:
                 case conv.Done(outcome=outcome):
