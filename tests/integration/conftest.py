@@ -20,6 +20,7 @@ from beamline.testing import containers, free_port, pick_test_backend
 ROOT = Path(__file__).resolve().parents[2]
 TEAM = ROOT / "infra/examples/research-team.yaml"
 DEMO_SCRIPT = ROOT / "infra/examples/fakellm-demo.yaml"
+API_KEY = "sk-test-SENTINEL-9f3b"  # given to every test mesh; must never show up anywhere
 
 
 class MeshHandle:
@@ -81,7 +82,7 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
             fakellm_port=free_port(),
             fakellm_script=script,
             stop_timeout_s=10,
-            extra_env={"FAKELLM_API_KEY": "sk-test-SENTINEL-9f3b", **(env or {})},
+            extra_env={"FAKELLM_API_KEY": API_KEY, **(env or {})},
         )
         mesh = Mesh(settings, options)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from beamline import bus, client, query, reads, subjects
 from beamline.envelope import Envelope
 from beamline.testing import free_port, wait_for
 
-from .conftest import ROOT, MeshFactory, needs_local_nats
+from .conftest import API_KEY, ROOT, MeshFactory, needs_local_nats
 
 PROBE_TOOLS = '''
 import os
@@ -117,6 +118,38 @@ async def test_a_plain_text_task_flows_through_agent_gateway_and_into_clickhouse
     llm_rows = [r for r in rows if r["kind"] == "llm_response"]
     assert all(r["input_tokens"] > 0 and r["output_tokens"] > 0 for r in llm_rows)
     assert len({r["id"] for r in rows}) == len(rows)  # no duplicate rows
+
+    # the provider key (set for every test mesh) never reaches messages, rows or logs
+    leaked = await query.query(
+        mesh.nc,
+        "SELECT count() FROM bl_messages WHERE position(payload, {k:String}) > 0",
+        {"k": API_KEY},
+    )
+    assert leaked.rows[0][0] == 0
+    for name in ("agent", "gateway", "recorder", "fakellm"):
+        assert API_KEY not in mesh.logs(name)
+
+
+async def test_the_cli_submits_to_a_role_waits_and_prints_the_reply(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh()
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "beamline"),
+        "submit",
+        "analysis",
+        "What does it cost?",
+        "--wait",
+        "--timeout",
+        "30",
+        env={**os.environ, **mesh.mesh.env()},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, out.decode()
+    assert "That call costs 0.00045 dollars." in out.decode()
 
 
 async def test_a_task_to_a_named_agent_replies_on_its_reply_to_subject(
