@@ -1,4 +1,4 @@
-"""The deployment file: providers, agents (and, later, supervisors), validated on arrival.
+"""The deployment file: providers, agents, hosts and supervisors, validated on arrival.
 
 Errors name the offending field, e.g. `agents[1].models[0].provider: unknown provider 'x'`.
 """
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from beamline.errors import ConfigError
 from beamline.ids import is_token
 from beamline.tools import import_tool_modules, registered
+from beamline.tree import Host, SupervisorSpec, check_tree
 
 
 class Strict(BaseModel):
@@ -63,6 +64,12 @@ class Deployment(Strict):
     tools_modules: tuple[str, ...] = ()
     providers: dict[str, Provider] = Field(default_factory=dict)
     agents: tuple[AgentSpec, ...] = ()
+    hosts: tuple[Host, ...] | None = Field(
+        default=None, description="Declared hosts; when present, placements are checked."
+    )
+    supervisors: tuple[SupervisorSpec, ...] = Field(
+        default=(), description="The supervision tree (see beamline.tree)."
+    )
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Deployment:
@@ -77,6 +84,7 @@ class Deployment(Strict):
                         f"agents[{i}].models[{j}].provider: unknown provider {choice.provider!r}"
                         f" (declared: {sorted(self.providers)})"
                     )
+        check_tree(self.supervisors, {a.name: a.role for a in self.agents}, self.hosts)
         return self
 
     def agent(self, name: str) -> AgentSpec | None:

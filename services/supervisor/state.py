@@ -1,0 +1,114 @@
+"""What a supervisor knows: its children in start order, whether each runs, its restart
+window; and how a child exited. Immutable values; decisions return new ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from beamline.tree import ChildKind, ChildSpec, Restart, Shutdown, Strategy, SupervisorSpec
+from services.supervisor.intensity import RestartIntensity
+
+
+class ExitReason(StrEnum):
+    """OTP's exit reasons as far as a supervisor cares: three normal ones, and the rest."""
+
+    NORMAL = "normal"
+    SHUTDOWN = "shutdown"
+    SHUTDOWN_TERM = "shutdown_term"  # OTP's {shutdown, Term}: a deliberate stop, with a why
+    CRASH = "crash"  # anything else
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    reason: ExitReason
+    detail: str = ""  # the term of {shutdown, Term}, or what crashed
+
+    @classmethod
+    def parse(cls, text: str) -> Exit:
+        """`normal`, `shutdown`, `shutdown:<term>`; anything else is a crash."""
+        if text in (ExitReason.NORMAL, ExitReason.SHUTDOWN):
+            return cls(ExitReason(text))
+        if text.startswith("shutdown:"):
+            return cls(ExitReason.SHUTDOWN_TERM, text.removeprefix("shutdown:"))
+        return cls(ExitReason.CRASH, text)
+
+    @property
+    def is_normal(self) -> bool:
+        """normal, shutdown or {shutdown, Term}: a transient child that exits so stays down."""
+        return self.reason is not ExitReason.CRASH
+
+    def __str__(self) -> str:
+        if self.reason is ExitReason.SHUTDOWN_TERM:
+            return f"shutdown:{self.detail}"
+        return self.detail if self.reason is ExitReason.CRASH else self.reason.value
+
+
+NORMAL = Exit(ExitReason.NORMAL)
+SHUTDOWN = Exit(ExitReason.SHUTDOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildState:
+    id: str
+    kind: ChildKind = ChildKind.WORKER
+    restart: Restart = Restart.PERMANENT
+    shutdown: Shutdown = 5.0
+    running: bool = True
+
+    @classmethod
+    def from_spec(cls, spec: ChildSpec, running: bool = True) -> ChildState:
+        return cls(spec.id, spec.kind, spec.restart, spec.shutdown_or_default, running)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildInfo:
+    """One row of `which_children`: OTP's {Id, Child | undefined, Type, Modules}, as data."""
+
+    id: str
+    kind: ChildKind
+    restart: Restart
+    running: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChildCounts:
+    """OTP's `count_children`: specs, active, supervisors, workers."""
+
+    specs: int
+    active: int
+    supervisors: int
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorState:
+    name: str
+    strategy: Strategy
+    children: tuple[ChildState, ...] = ()
+    window: RestartIntensity = field(default_factory=RestartIntensity)
+
+    @classmethod
+    def from_spec(cls, spec: SupervisorSpec, running: bool = True) -> SupervisorState:
+        """The state right after every child started, in order."""
+        children = tuple(ChildState.from_spec(c, running) for c in spec.children)
+        return cls(
+            spec.name, spec.strategy, children, RestartIntensity(spec.intensity, spec.period)
+        )
+
+    def child(self, child_id: str) -> ChildState | None:
+        return next((c for c in self.children if c.id == child_id), None)
+
+    def index(self, child_id: str) -> int:
+        return next(i for i, c in enumerate(self.children) if c.id == child_id)
+
+    def with_children(self, children: tuple[ChildState, ...]) -> SupervisorState:
+        return replace(self, children=children)
+
+    def which_children(self) -> tuple[ChildInfo, ...]:
+        return tuple(ChildInfo(c.id, c.kind, c.restart, c.running) for c in self.children)
+
+    def count_children(self) -> ChildCounts:
+        sups = sum(1 for c in self.children if c.kind is ChildKind.SUPERVISOR)
+        active = sum(1 for c in self.children if c.running)
+        return ChildCounts(len(self.children), active, sups, len(self.children) - sups)
