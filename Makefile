@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run up demo test unit integration lint format bench clean
+.PHONY: venv run mesh up down test unit integration lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,17 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/beamline demo
 
-## the embedded mesh until Ctrl-C
-up: venv
+## the embedded mesh (local NATS, chDB, every service) until Ctrl-C
+mesh: venv
 	$(BIN)/beamline up
+
+## the mesh as containers (docker-compose.yml): build the image, start in the background
+up:
+	docker compose up -d --build
+
+## stop and remove the containers (named volumes keep NATS and ClickHouse data)
+down:
+	docker compose down
 
 ## lint, types, then the whole suite (pytest exits 5 when it collects nothing: that fails too)
 test: venv lint

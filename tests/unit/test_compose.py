@@ -1,0 +1,581 @@
+"""docker-compose.yml checked without a Docker engine.
+
+No Docker engine runs here, so these tests check the file without one:
+- it validates against the Compose specification's JSON schema (infra/compose/);
+- every Beamline container runs `python -m services.<name>`, and that module exists;
+- every `BEAMLINE_*` variable it sets is one the code reads. The known names come from
+  the pydantic-settings classes and the deployment YAML, not from a hand-written list;
+- the NATS and ClickHouse URLs point at compose services;
+- the deployment YAML named by `BEAMLINE_CONFIG` loads with the container's environment,
+  and its providers reach compose hostnames;
+- volumes are declared, ports are bound to 127.0.0.1, and secrets come from the host;
+- healthchecks and `depends_on` conditions agree.
+
+Each checker returns a list of problems, and each one is also shown to reject a broken
+copy of the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from beamline import config
+from beamline.errors import ConfigError
+from beamline.storage import SCHEMA_DIR_ENV
+from beamline.testing import nats_server_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+SCHEMA = ROOT / "infra/compose/compose-spec.json"
+DOCKERFILE = ROOT / "infra/docker/Dockerfile"
+NATS_CONF = ROOT / "infra/nats/nats-server.conf"
+
+Compose = dict[str, Any]
+Env = dict[str, str | None]
+
+
+# --- reading the files -------------------------------------------------------------------
+
+
+def load_compose(path: Path = COMPOSE) -> Compose:
+    data = yaml.safe_load(path.read_text())  # SafeLoader resolves `<<` merge keys
+    assert isinstance(data, dict)
+    return data
+
+
+def schema_problems(path: Path) -> list[str]:
+    schema = json.loads(SCHEMA.read_text())
+    # The schema declares draft-07 as "https://json-schema.org/draft-07/schema", a spelling
+    # jsonschema.validators.validator_for does not map, so pick the validator here.
+    assert "draft-07" in schema["$schema"], schema["$schema"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    data = yaml.safe_load(path.read_text())
+    errors = jsonschema.Draft7Validator(schema).iter_errors(data)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+def dockerfile_facts(path: Path = DOCKERFILE) -> tuple[str, Env]:
+    """The image's WORKDIR and its ENV, from the Dockerfile."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    workdir, env = "/", Env()
+    for line in text.splitlines():
+        words = line.strip().split(None, 1)
+        if len(words) != 2:
+            continue
+        if words[0].upper() == "WORKDIR":
+            workdir = words[1].strip()
+        elif words[0].upper() == "ENV":
+            parts = shlex.split(words[1])
+            if "=" in parts[0]:
+                for part in parts:
+                    key, _, value = part.partition("=")
+                    env[key] = value
+            else:  # legacy `ENV KEY value`
+                env[parts[0]] = " ".join(parts[1:])
+    return workdir, env
+
+
+_COMPOSE_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str, host: Env) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}` and `$$`."""
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.groups()
+        value = host.get(name)
+        if op in (":-", ":?") and not value:
+            value = None
+        if value is not None:
+            return value
+        if op in (":?", "?"):
+            raise ValueError(f"${{{name}}} must be set on the host: {arg}")
+        return arg if op in (":-", "-") else ""
+
+    return _COMPOSE_VAR.sub(sub, value)
+
+
+def environment(service: dict[str, Any]) -> Env:
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        pairs = (item.split("=", 1) if "=" in item else (item, None) for item in raw)
+        return {k: v for k, v in pairs}
+    return {k: None if v is None else str(v) for k, v in raw.items()}
+
+
+def is_beamline(service: dict[str, Any]) -> bool:
+    """A service built from this repository (infra/docker/Dockerfile)."""
+    return "build" in service
+
+
+def beamline_services(compose: Compose) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose["services"].items() if is_beamline(s)}
+
+
+def container_env(service: dict[str, Any], host: Env | None = None) -> dict[str, str]:
+    """What the process sees: the image ENV, overridden by compose's environment
+    interpolated against `host` (by default an empty host: the file must work as is)."""
+    _, env = dockerfile_facts()
+    merged = {k: v for k, v in env.items() if v is not None}
+    for key, value in environment(service).items():
+        if value is None:  # passed through from the host by name
+            if host and host.get(key) is not None:
+                merged[key] = str(host[key])
+            continue
+        merged[key] = interpolate(value, host or {})
+    return merged
+
+
+def known_beamline_variables() -> set[str]:
+    """Every BEAMLINE_* name some code reads: the pydantic-settings classes' fields with
+    their env_prefix, plus the schema-directory override `beamline.storage` reads."""
+    for path in [*ROOT.glob("shared/beamline/**/*.py"), *ROOT.glob("services/**/*.py")]:
+        if "BaseSettings" in path.read_text():
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            importlib.import_module(".".join(parts[1:] if parts[0] == "shared" else parts))
+    names = {SCHEMA_DIR_ENV}
+    todo = list(BaseSettings.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__module__.startswith(("beamline", "services")):
+            continue
+        prefix = cls.model_config.get("env_prefix", "")
+        for name, field in cls.model_fields.items():
+            names.add((prefix + (field.alias or name)).upper())
+    return names
+
+
+_YAML_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
+
+
+def deployment_variables(text: str) -> dict[str, bool]:
+    """`${VAR}` names in a deployment YAML -> whether each has a default."""
+    found: dict[str, bool] = {}
+    for name, default in _YAML_VAR.findall(text):
+        found[name] = found.get(name, True) and bool(default)
+    return found
+
+
+def deployment_file(service: dict[str, Any], root: Path) -> Path:
+    workdir, _ = dockerfile_facts()
+    inside = Path(container_env(service).get("BEAMLINE_CONFIG", ""))
+    if not inside.is_absolute():
+        inside = Path(workdir) / inside
+    return root / inside.relative_to(workdir)  # the Dockerfile copies infra/ into WORKDIR
+
+
+# --- the checkers ------------------------------------------------------------------------
+
+
+def command_problems(compose: Compose) -> list[str]:
+    problems = []
+    for name, service in beamline_services(compose).items():
+        command = service.get("command")
+        if not (isinstance(command, list) and command[:2] == ["python", "-m"]):
+            problems.append(f"{name}: command {command!r} is not ['python', '-m', 'services.X']")
+            continue
+        module = command[2]
+        try:
+            found = module.startswith("services.") and importlib.util.find_spec(
+                module + ".__main__"
+            )
+        except ModuleNotFoundError:
+            found = None
+        if not found:
+            problems.append(f"{name}: module {module!r} has no __main__ in this repository")
+    return problems
+
+
+def variable_problems(compose: Compose, root: Path = ROOT) -> list[str]:
+    problems = []
+    known = known_beamline_variables()
+    _, image_env = dockerfile_facts()
+    for name, service in beamline_services(compose).items():
+        path = deployment_file(service, root)
+        read_by_yaml = set(deployment_variables(path.read_text())) if path.exists() else set()
+        for var in [*environment(service), *image_env]:
+            if var.startswith("BEAMLINE_") and var not in known | read_by_yaml:
+                problems.append(f"{name}: {var} is read by no settings class nor by {path.name}")
+        env = container_env(service)
+        services = set(compose["services"])
+        nats = urlsplit(env.get("BEAMLINE_NATS_URL", ""))
+        if nats.scheme != "nats" or nats.hostname not in services:
+            problems.append(f"{name}: BEAMLINE_NATS_URL must be nats://<a compose service>")
+        clickhouse = urlsplit(env.get("BEAMLINE_CLICKHOUSE_URL", ""))
+        if clickhouse.scheme not in ("http", "https") or clickhouse.hostname not in services:
+            problems.append(f"{name}: BEAMLINE_CLICKHOUSE_URL must be http://<a compose service>")
+    return problems
+
+
+def deployment_problems(compose: Compose, root: Path = ROOT) -> list[str]:
+    """The deployment YAML each Beamline container loads, with that container's environment."""
+    problems = []
+    services = set(compose["services"])
+    gateways = [
+        environment(s)
+        for s in beamline_services(compose).values()
+        if "services.gateway" in s["command"]
+    ]
+    for name, service in beamline_services(compose).items():
+        path = deployment_file(service, root)
+        if not path.exists():
+            problems.append(f"{name}: BEAMLINE_CONFIG names {path}, which the image lacks")
+            continue
+        env = container_env(service)
+        for var, has_default in deployment_variables(path.read_text()).items():
+            if not has_default and var not in env:
+                problems.append(f"{name}: {path.name} needs {var}, which is not set")
+        with mock.patch.dict(os.environ, env, clear=True):
+            try:
+                deployment = config.load(path)
+            except ConfigError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+        for provider_name, provider in deployment.providers.items():
+            url = urlsplit(provider.base_url)
+            if url.scheme == "http" and url.hostname not in services:
+                problems.append(
+                    f"{name}: provider {provider_name} base_url {provider.base_url} is not a "
+                    "compose service (plain http to anything else fails in a container)"
+                )
+            key = provider.api_key_env
+            if key and not all(key in gateway for gateway in gateways):
+                problems.append(
+                    f"{name}: provider {provider_name}'s {key} is not passed to the gateway"
+                )
+    return problems
+
+
+def _volume_sources(service: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(type, source) of each volume: "volume" for named volumes, "bind" for paths."""
+    for item in service.get("volumes", []):
+        if isinstance(item, dict):
+            yield item.get("type", "volume"), str(item.get("source", ""))
+            continue
+        source = item.split(":", 1)[0]
+        yield ("bind" if source.startswith((".", "/", "~")) else "volume"), source
+
+
+def volume_problems(compose: Compose, root: Path = ROOT) -> list[str]:
+    problems = []
+    declared = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for kind, source in _volume_sources(service):
+            if kind == "volume" and source not in declared:
+                problems.append(f"{name}: named volume {source!r} is not declared under volumes")
+            if kind == "bind" and source.startswith(".") and not (root / source).exists():
+                problems.append(f"{name}: bind mount {source!r} does not exist in the repository")
+    return problems
+
+
+def port_problems(compose: Compose) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else str(port)
+            if not str(host_ip).startswith("127.0.0.1"):
+                problems.append(f"{name}: port {port!r} is not bound to 127.0.0.1")
+    return problems
+
+
+_PASS_THROUGH = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(:?-)?\}")
+_WHOLE_INTERPOLATION = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?[-?][^}]*)?\}")
+_KEY_NAME = re.compile(r"(API_?KEY|_KEY|TOKEN|SECRET)$", re.IGNORECASE)
+_KEY_SHAPES = re.compile(
+    r"sk-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}"
+    r"|(?<![A-Za-z0-9_/.-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Za-z])[A-Za-z0-9+/_-]{32,}"
+)
+
+
+def secret_problems(compose: Compose, text: str) -> list[str]:
+    """Keys come from the host by name; passwords only through `${VAR...}`; no key-shaped
+    literal anywhere in the file."""
+    problems = []
+    for name, service in compose["services"].items():
+        for var, value in environment(service).items():
+            if _KEY_NAME.search(var):
+                match = _PASS_THROUGH.fullmatch(value or "")
+                if value is not None and not (match and match["name"] == var):
+                    problems.append(f"{name}: {var} must be passed from the host, not written")
+            if "PASSWORD" in var.upper() and not _WHOLE_INTERPOLATION.fullmatch(value or ""):
+                problems.append(f"{name}: {var} must come from ${{...}}, not a literal")
+            password = urlsplit(value).password if value and "://" in value else None
+            if password and not _WHOLE_INTERPOLATION.fullmatch(password):
+                problems.append(f"{name}: {var} carries a literal password")
+    problems.extend(f"key-shaped literal: {m[:8]}..." for m in _KEY_SHAPES.findall(text))
+    return problems
+
+
+def health_problems(compose: Compose) -> list[str]:
+    problems = []
+    services = compose["services"]
+    for name, service in services.items():
+        if not is_beamline(service) and "healthcheck" not in service:
+            problems.append(f"{name}: an infrastructure image without a healthcheck")
+        depends = service.get("depends_on") or {}
+        if isinstance(depends, list):
+            depends = {d: {"condition": "service_started"} for d in depends}
+        for dep, spec in depends.items():
+            if dep not in services:
+                problems.append(f"{name}: depends on unknown service {dep!r}")
+                continue
+            healthy = spec.get("condition") == "service_healthy"
+            has_check = "healthcheck" in services[dep] and not services[dep]["healthcheck"].get(
+                "disable"
+            )
+            if healthy and not has_check:
+                problems.append(f"{name}: waits for {dep} to be healthy, which has no healthcheck")
+            if has_check and not healthy:
+                problems.append(f"{name}: {dep} has a healthcheck; wait for service_healthy")
+    return problems
+
+
+# --- the real file -----------------------------------------------------------------------
+
+
+def test_the_compose_file_validates_against_the_compose_specification() -> None:
+    assert schema_problems(COMPOSE) == []
+
+
+def test_the_schema_is_kept_with_its_licence() -> None:
+    assert "Apache License" in (SCHEMA.parent / "compose-spec.LICENSE").read_text()
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        command_problems,
+        variable_problems,
+        deployment_problems,
+        volume_problems,
+        port_problems,
+        health_problems,
+    ],
+)
+def test_the_compose_file_is_consistent(check: Callable[[Compose], list[str]]) -> None:
+    assert check(load_compose()) == []
+
+
+def test_no_secret_is_written_in_the_compose_file() -> None:
+    assert secret_problems(load_compose(), COMPOSE.read_text()) == []
+
+
+def test_the_known_variables_come_from_every_settings_class() -> None:
+    known = known_beamline_variables()
+    # one field per class, as a check that discovery found them all
+    assert {
+        "BEAMLINE_NATS_URL",
+        "BEAMLINE_GATEWAY_CONCURRENCY",
+        "BEAMLINE_RECORDER_BATCH_SIZE",
+        "BEAMLINE_AGENT_SHARDS",
+        "BEAMLINE_FAKELLM_SCRIPT",
+    } <= known
+
+
+def test_the_providers_reach_fakellm_by_its_compose_hostname() -> None:
+    compose = load_compose()
+    gateway = compose["services"]["gateway"]
+    with mock.patch.dict(os.environ, container_env(gateway), clear=True):
+        deployment = config.load(deployment_file(gateway, ROOT))
+    assert {p.base_url for p in deployment.providers.values()} == {"http://fakellm:8399/v1"}
+
+
+def test_a_host_key_reaches_the_gateway_only_from_the_host() -> None:
+    compose = load_compose()
+    gateway = compose["services"]["gateway"]
+    assert "FAKELLM_API_KEY" not in container_env(gateway)
+    assert container_env(gateway, {"FAKELLM_API_KEY": "from-host"})["FAKELLM_API_KEY"] == (
+        "from-host"
+    )
+    for name, service in compose["services"].items():
+        if name != "gateway":
+            assert not any(_KEY_NAME.search(var) for var in environment(service)), name
+
+
+def test_the_nats_config_is_valid_and_sets_sync_interval_consciously() -> None:
+    compose = load_compose()
+    nats = compose["services"]["nats"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    config_path = nats["command"][nats["command"].index("-c") + 1]
+    assert (ROOT / mounted[config_path]).resolve() == NATS_CONF
+    text = NATS_CONF.read_text()
+    assert re.search(r"^\s*sync_interval:\s*\S+", text, re.MULTILINE)
+    done = subprocess.run(
+        [nats_server_binary(), "-c", str(NATS_CONF), "-t"], capture_output=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_nats_server_rejects_a_broken_config(tmp_path: Path) -> None:
+    broken = tmp_path / "nats.conf"
+    broken.write_text(NATS_CONF.read_text().replace("sync_interval: 1s", "sync_interval: soon"))
+    done = subprocess.run(
+        [nats_server_binary(), "-c", str(broken), "-t"], capture_output=True, timeout=30
+    )
+    assert done.returncode != 0
+
+
+# --- broken copies: each check can fail --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("condition: service_healthy", "condition: healthy", "depends_on"),
+        ('ports: ["127.0.0.1:8123:8123"]', "ports: 8123", "ports"),
+        ("\nservices:\n", "\nservice:\n", "'service' does not match"),
+        ("retries: 12", "retry: 12", "healthcheck: 'retry' does not match"),
+    ],
+)
+def test_the_schema_rejects_a_broken_copy(tmp_path: Path, old: str, new: str, message: str) -> None:
+    text = COMPOSE.read_text()
+    assert old in text
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(old, new, 1))
+    problems = schema_problems(broken)
+    assert problems
+    assert any(message in p for p in problems), problems
+
+
+def _services(c: Compose) -> dict[str, Any]:
+    return c["services"]
+
+
+def _each_env(c: Compose) -> Iterator[dict[str, Any]]:
+    for service in beamline_services(c).values():
+        yield service["environment"]
+
+
+def _drop(var: str) -> Callable[[Compose], None]:
+    def mutate(c: Compose) -> None:
+        for env in _each_env(c):
+            env.pop(var, None)
+
+    return mutate
+
+
+def _set(var: str, value: str | None, service: str | None = None) -> Callable[[Compose], None]:
+    def mutate(c: Compose) -> None:
+        if service:
+            _services(c)[service]["environment"][var] = value
+        else:
+            for env in _each_env(c):
+                env[var] = value
+
+    return mutate
+
+
+def _command(service: str, command: list[str]) -> Callable[[Compose], None]:
+    return lambda c: _services(c)[service].update(command=command)
+
+
+def _drop_volumes(c: Compose) -> None:
+    c["volumes"].pop("nats-data")
+
+
+def _depends(service: str, dep: str, condition: str) -> Callable[[Compose], None]:
+    return lambda c: _services(c)[service]["depends_on"].update({dep: {"condition": condition}})
+
+
+def _drop_healthcheck(c: Compose) -> None:
+    _services(c)["clickhouse"].pop("healthcheck")
+
+
+def _expose(c: Compose) -> None:
+    _services(c)["nats"]["ports"] = ["4222:4222"]
+
+
+def _bind_missing(c: Compose) -> None:
+    _services(c)["nats"]["volumes"].append("./infra/nats/missing.conf:/etc/x.conf:ro")
+
+
+@pytest.mark.parametrize(
+    ("check", "mutate", "message"),
+    [
+        (command_problems, _command("gateway", ["python", "-m", "services.gatewy"]), "gatewy"),
+        (command_problems, _command("gateway", ["beamline", "up"]), "is not"),
+        (variable_problems, _set("BEAMLINE_NATS_URI", "nats://nats:4222"), "BEAMLINE_NATS_URI"),
+        (variable_problems, _set("BEAMLINE_RECORDER_BATCH", "10", "recorder"), "BATCH"),
+        (variable_problems, _drop("BEAMLINE_NATS_URL"), "BEAMLINE_NATS_URL"),
+        (variable_problems, _drop("BEAMLINE_CLICKHOUSE_URL"), "BEAMLINE_CLICKHOUSE_URL"),
+        (
+            variable_problems,
+            _set("BEAMLINE_CLICKHOUSE_URL", "http://localhost:8123/default"),
+            "BEAMLINE_CLICKHOUSE_URL",
+        ),
+        (deployment_problems, _drop("BEAMLINE_FAKELLM_URL"), "127.0.0.1"),
+        (deployment_problems, _set("BEAMLINE_CONFIG", "/app/infra/nope.yaml"), "lacks"),
+        (
+            deployment_problems,
+            lambda c: _services(c)["gateway"]["environment"].pop("FAKELLM_API_KEY"),
+            "FAKELLM_API_KEY",
+        ),
+        (volume_problems, _drop_volumes, "nats-data"),
+        (volume_problems, _bind_missing, "missing.conf"),
+        (port_problems, _expose, "4222"),
+        (health_problems, _depends("recorder", "nats", "service_started"), "service_healthy"),
+        (health_problems, _depends("agent-host", "gateway", "service_healthy"), "no healthcheck"),
+        (health_problems, _depends("agent-host", "grafana", "service_started"), "unknown"),
+        (health_problems, _drop_healthcheck, "clickhouse"),
+    ],
+)
+def test_each_check_rejects_a_broken_copy(
+    check: Callable[[Compose], list[str]], mutate: Callable[[Compose], None], message: str
+) -> None:
+    compose = copy.deepcopy(load_compose())
+    for service in beamline_services(compose).values():  # unshare the anchored mapping
+        service["environment"] = dict(service["environment"])
+    mutate(compose)
+    problems = check(compose)
+    assert any(message in p for p in problems), problems
+
+
+def test_a_deployment_variable_without_default_must_be_set(tmp_path: Path) -> None:
+    (tmp_path / "infra/examples").mkdir(parents=True)
+    text = (ROOT / "infra/examples/research-team.yaml").read_text()
+    (tmp_path / "infra/examples/research-team.yaml").write_text(
+        text.replace("${BEAMLINE_FAKELLM_URL:-http://127.0.0.1:8399}", "${LLM_HOST}")
+    )
+    assert any("LLM_HOST" in p for p in deployment_problems(load_compose(), tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("OPENAI_API_KEY", "sk-proj-" + "a1B2c3D4" * 4, "OPENAI_API_KEY"),
+        ("OPENAI_API_KEY", "${SOME_OTHER_VAR}", "OPENAI_API_KEY"),
+        ("CLICKHOUSE_PASSWORD", "hunter2", "CLICKHOUSE_PASSWORD"),
+        ("BEAMLINE_CLICKHOUSE_URL", "http://beamline:hunter2@clickhouse:8123/", "literal password"),
+    ],
+)
+def test_the_secret_check_rejects_a_written_secret(var: str, value: str, message: str) -> None:
+    compose = copy.deepcopy(load_compose())
+    gateway = compose["services"]["gateway"]
+    gateway["environment"] = {**gateway["environment"], var: value}
+    problems = secret_problems(compose, COMPOSE.read_text() + f"\n# {value}\n")
+    assert any(message in p for p in problems), problems
+
+
+def test_the_text_scan_finds_a_key_shaped_literal() -> None:
+    text = COMPOSE.read_text().replace("OPENAI_API_KEY:", "OPENAI_API_KEY: sk-ant-" + "x9" * 20)
+    assert any("key-shaped" in p for p in secret_problems(load_compose(), text))
