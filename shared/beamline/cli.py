@@ -1,17 +1,26 @@
-"""`beamline`: run the embedded mesh, submit tasks, read traces, run the demo."""
+"""`beamline`: run the embedded mesh, submit tasks, read traces and logs, migrate the
+schema, run the demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
-from beamline import bus, client, config, query, reads, traceview
-from beamline.errors import BeamlineError
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
+from nats.aio.client import Client as NATS
+
+from beamline import bus, client, config, logview, query, reads, storage, traceview
+from beamline.errors import BeamlineError, Reason, TransientError
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 
@@ -24,6 +33,17 @@ def _mesh_options(args: argparse.Namespace) -> RuntimeOptions:
         fakellm_port=args.fakellm_port,
         external_nats_url=os.environ.get("BEAMLINE_NATS_URL"),
     )
+
+
+async def _connect(settings: MeshSettings) -> NATS:
+    """bus.connect retries forever, as services should; a CLI command says so instead."""
+    try:
+        return await asyncio.wait_for(bus.connect(settings.nats_url, "beamline-cli"), 10)
+    except TimeoutError:
+        raise TransientError(
+            f"NATS at {settings.nats_url} does not answer: start the mesh (`beamline up`)",
+            Reason.NATS_UNAVAILABLE,
+        ) from None
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
@@ -47,7 +67,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
 async def cmd_submit(args: argparse.Namespace) -> int:
     settings = MeshSettings()
     subject = client.target_subject(config.load(settings.config), args.target)
-    nc = await bus.connect(settings.nats_url, "beamline-cli")
+    nc = await _connect(settings)
     try:
         conversation = await client.submit(nc, subject, args.text, args.conversation)
         print(f"submitted to {subject}; conversation {conversation}")
@@ -67,7 +87,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def cmd_trace(args: argparse.Namespace) -> int:
     settings = MeshSettings()
-    nc = await bus.connect(settings.nats_url, "beamline-cli")
+    nc = await _connect(settings)
     try:
         result = await query.query(nc, reads.TRACE_SQL, {"id": args.id})
     finally:
@@ -78,6 +98,96 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     else:
         print(traceview.render(rows))
     return 0 if rows else 1
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    params = logview.parameters(args.agent, args.since, args.kind, args.conversation, args.limit)
+    nc = await _connect(MeshSettings())
+    try:
+        result = await query.query(nc, reads.LOGS_SQL, params)
+    finally:
+        await nc.close()
+    rows = result.dicts()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    elif rows:
+        print(logview.render(rows))
+    else:
+        print("(no recorded messages match)", file=sys.stderr)
+    return 0
+
+
+_CHDB_HELD = (
+    "the embedded ClickHouse at {path} is open in another process (the recorder of a "
+    "running mesh?): chDB opens a path in one process only. Stop the mesh and run this "
+    "again, or let the recorder migrate: it applies the schema each time it starts"
+)
+
+
+def _chdb_path(url: str) -> str | None:
+    """The engine directory of a `chdb://PATH` URL, as `storage.connect` resolves it."""
+    if not url.lower().startswith("chdb://"):
+        return None
+    location = unquote(url[len("chdb://") :].split("?", 1)[0])
+    return None if location in ("", "memory", ":memory:") else os.path.realpath(location)
+
+
+def _chdb_held(path: str) -> bool:
+    """True when another process holds the engine's lock (ClickHouse flocks PATH/status)."""
+    try:
+        fd = os.open(os.path.join(path, "status"), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock we may have taken
+    return False
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    url = MeshSettings().resolved_clickhouse_url
+    path = _chdb_path(url)
+    if path and _chdb_held(path):
+        raise TransientError(_CHDB_HELD.format(path=path), Reason.STORAGE_UNAVAILABLE)
+    try:
+        ch = storage.connect(url)
+    except DatabaseError as exc:  # chDB refuses to open the engine
+        if path:
+            raise TransientError(
+                _CHDB_HELD.format(path=path) + f" ({exc})", Reason.STORAGE_UNAVAILABLE
+            ) from exc
+        raise
+    try:
+        names = {m.version: m.name for m in storage.migrations()}
+        applied = storage.migrate(ch)
+    except ClickHouseError as exc:
+        raise TransientError(
+            f"migrating {storage.redact_url(url)} failed: {exc}", storage.classify(exc)
+        ) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            ch.close()
+    where = storage.redact_url(url)
+    if not applied:
+        print(f"{where}: schema up to date (version {max(names, default=0)}); nothing applied")
+    for version in applied:
+        print(f"{where}: applied {version} {names.get(version, '')}".rstrip())
+    return 0
+
+
+def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` that shows the parser's own message (argparse hides a ValueError's)."""
+
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return checked
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -117,6 +227,22 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="a conversation, trace or envelope id as a causal tree")
     t.add_argument("id")
     t.add_argument("--json", action="store_true")
+    lg = sub.add_parser("logs", help="recorded messages, newest last, one line each")
+    lg.add_argument("--agent", type=_flag(logview.parse_name), help="sender or recipient")
+    lg.add_argument("--since", type=_flag(logview.parse_since), help="30s, 10m, 2h, 1d")
+    lg.add_argument("--kind", type=_flag(logview.parse_kind), help=", ".join(logview.KINDS))
+    lg.add_argument("--conversation", type=_flag(logview.parse_name))
+    lg.add_argument(
+        "--limit", type=_flag(logview.parse_limit), default=100, help="1..10000 (default 100)"
+    )
+    lg.add_argument("--json", action="store_true", help="the rows as a JSON array")
+    db = sub.add_parser("db", help="the ClickHouse schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser(
+        "migrate",
+        help="apply infra/clickhouse/*.sql not yet applied (BEAMLINE_CLICKHOUSE_URL, "
+        "default chdb://DATA_DIR/clickhouse)",
+    )
     c = sub.add_parser("check", help="validate a deployment file")
     c.add_argument("file")
     d = sub.add_parser("demo", help="run a small research team against fakellm and exit")
@@ -126,11 +252,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # a command reports its own outcome; reconnect chatter from the client would only bury it
+    logging.basicConfig(level=logging.ERROR)
     args = _parser().parse_args(argv)
+    name = " ".join(filter(None, (args.command, getattr(args, "db_command", None))))
     handlers: dict[str, Any] = {
         "up": cmd_up,
         "submit": cmd_submit,
         "trace": cmd_trace,
+        "logs": cmd_logs,
+        "db": cmd_db_migrate,
         "check": cmd_check,
         "demo": cmd_demo,
     }
@@ -138,10 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         result = handlers[args.command](args)
         code = asyncio.run(result) if asyncio.iscoroutine(result) else result
     except BeamlineError as exc:
-        print(f"beamline {args.command}: {exc} [{exc.reason.value}]", file=sys.stderr)
+        print(f"beamline {name}: {exc} [{exc.reason.value}]", file=sys.stderr)
         code = 2
     except (RuntimeError, TimeoutError) as exc:
-        print(f"beamline {args.command}: {exc}", file=sys.stderr)
+        print(f"beamline {name}: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -17,3 +17,23 @@ WHERE conversation_id = {{id:String}} OR trace_id = {{id:String}} OR id = {{id:S
 ORDER BY ts, id
 LIMIT 10000
 """
+
+# The newest `limit` messages matching every filter given, returned oldest first: what
+# `beamline logs` shows. The statement text never changes: an empty filter ('' or 0) is
+# "no filter", written in SQL, and every value is a server-side parameter.
+LOGS_SQL: Final = f"""
+SELECT id, kind, sender, recipient, conversation_id, step, trace_id, span_id,
+       parent_span_id, ts, input_tokens, output_tokens, reason, payload
+FROM (
+    SELECT id, kind, sender, recipient, conversation_id, step, trace_id, span_id,
+           parent_span_id, ts, input_tokens, output_tokens, reason, payload
+    FROM {MESSAGES_TABLE} FINAL
+    WHERE ({{since_s:UInt32}} = 0 OR ts >= now64(6) - toIntervalSecond({{since_s:UInt32}}))
+      AND ({{agent:String}} = '' OR sender = {{agent:String}} OR recipient = {{agent:String}})
+      AND ({{kind:String}} = '' OR kind = {{kind:String}})
+      AND ({{conversation:String}} = '' OR conversation_id = {{conversation:String}})
+    ORDER BY ts DESC, id DESC
+    LIMIT {{limit:UInt32}}
+)
+ORDER BY ts, id
+"""
