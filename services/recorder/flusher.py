@@ -3,7 +3,8 @@
 Each message becomes a row: orjson plus a structural check, no pydantic. Rows collect in a
 Batch that is inserted when it holds `batch_size` messages or its oldest message is
 `flush_interval_ms` old. While one batch is inserted (in a worker thread) the next one
-fills. After the insert, every message of the batch is acked.
+fills. After the insert (messages, then the spans built from them, `beamline.spans`), every message
+of the batch is acked.
 
 Failure: an insert that fails holds its messages unacked. The flusher retries with capped
 exponential backoff and jitter, tells JetStream it is still working on them (+WPI) so they
@@ -204,6 +205,7 @@ class Flusher:
         health.failures = 0
         health.batches += 1
         health.rows_recorded += result.inserted
+        health.spans_recorded += result.spans
         health.duplicates_skipped += result.skipped
         health.poison_rows += result.poisoned
         health.raw_rows += sum(1 for r in batch.rows if r[rows.KIND] == rows.KIND_RAW)

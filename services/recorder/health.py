@@ -16,6 +16,7 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
 @dataclass
 class Health:
     rows_recorded: int = 0
+    spans_recorded: int = 0  # otel_traces rows
     raw_rows: int = 0
     poison_rows: int = 0
     duplicates_skipped: int = 0

@@ -222,6 +222,7 @@ class Recorder:
             "storage_connected": self.store.connected,
             "streams": list(self.streams),
             "recorded_rows": health.rows_recorded,
+            "recorded_spans": health.spans_recorded,
             "raw_rows": health.raw_rows,
             "poison_rows": health.poison_rows,
             "duplicates_skipped": health.duplicates_skipped,

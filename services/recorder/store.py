@@ -4,6 +4,12 @@ read-only queries. Methods block: call them from a worker thread.
 Duplicates cannot arise: each insert carries a de-duplication token (sha256 of its ids), and
 rows of redelivered messages (or of a retried batch) whose ids are already stored are
 dropped first. A client whose call failed is closed and replaced on the next call.
+
+Spans (`beamline.spans`) go into otel_traces in the same write, after the messages and
+before the caller acks: built from the batch's rows before the drop (an attempt that stored
+the messages but not the spans is completed by the retry), without the span ids already
+stored (looked up for redelivered rows and for task outcomes, which arrive from two streams),
+with a token of their own. Only llm_response, tool_result, reply and error rows give spans.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
 
-from beamline import readonly, rows, storage
+from beamline import readonly, rows, spans, storage
 from beamline.errors import CallerError
 from services.recorder.batch import Batch
 from services.recorder.health import first_line
@@ -36,6 +42,7 @@ class WriteResult:
     inserted: int
     skipped: int  # rows whose ids were already stored
     poisoned: int = 0
+    spans: int = 0  # otel_traces rows inserted
 
 
 class Store:
@@ -127,17 +134,52 @@ class Store:
             client.close()
 
     def _write(self, client: Client, batch: Batch[Any], isolate: bool) -> WriteResult:
+        """Messages first, then their spans; an exception from either leaves the batch
+        unacked, and the retry looks up what the failed attempt may have stored."""
         skipped = 0
+        batch_rows = batch.rows  # before the drop: spans of stored rows may still be missing
         check = batch.redelivered_ids()
         if check:
             skipped = batch.drop(rows.stored_ids(client, check))
         if not batch.rows:
-            return WriteResult(0, skipped)
-        if not isolate:
+            result = WriteResult(0, skipped)
+        elif not isolate:
             rows.insert_rows(client, batch.rows, batch.token)
-            return WriteResult(len(batch.rows), skipped)
-        inserted, poisoned = self._insert_isolating(client, batch.rows)
-        return WriteResult(inserted, skipped, poisoned)
+            result = WriteResult(len(batch.rows), skipped)
+        else:
+            inserted, poisoned = self._insert_isolating(client, batch.rows)
+            result = WriteResult(inserted, skipped, poisoned)
+        plan = spans.plan(batch_rows)
+        if plan:
+            result.spans = self._write_spans(client, plan, check, isolate)
+        return result
+
+    def _write_spans(
+        self, client: Client, plan: spans.Plan, redelivered: Sequence[str], isolate: bool
+    ) -> int:
+        """The spans of a batch into otel_traces, without those already stored."""
+        maybe = plan.may_be_stored(frozenset(redelivered))
+        if maybe:
+            plan.without(stored_span_ids(client, maybe))
+        if not plan:
+            return 0
+        missing = plan.missing_tasks()
+        span_rows = spans.build(plan, task_starts(client, missing) if missing else None)
+        try:
+            return insert_spans(client, span_rows)
+        except (OperationalError, OSError):
+            raise
+        except Exception as exc:
+            if not isolate:
+                raise
+            # spans are derived data: once ClickHouse has refused them max_redeliveries
+            # times while reachable, they must not hold the messages back forever
+            log.error(
+                "ClickHouse refused the spans of a batch; its messages are stored and acked "
+                "without them",
+                extra={"spans": len(span_rows), "error": first_line(exc)},
+            )
+            return 0
 
     def _insert_isolating(self, client: Client, batch_rows: Sequence[list[Any]]) -> tuple[int, int]:
         """Insert by halves until the rows ClickHouse refuses are alone; store each of those
@@ -167,3 +209,42 @@ class Store:
                 "error": first_line(exc),
             },
         )
+
+
+# --- otel_traces -------------------------------------------------------------------------
+
+
+def insert_spans(client: Client, span_rows: Sequence[Sequence[Any]]) -> int:
+    """Insert span rows (spans.COLUMNS order), de-duplicated by a token of their span ids."""
+    if not span_rows:
+        return 0
+    client.insert(
+        spans.TRACES_TABLE,
+        [list(col) for col in zip(*span_rows, strict=True)],
+        column_names=spans.COLUMNS,
+        column_type_names=spans.COLUMN_TYPES,
+        column_oriented=True,
+        settings={"insert_deduplication_token": spans.dedup_token(span_rows)},
+    )
+    return len(span_rows)
+
+
+def stored_span_ids(client: Client, span_ids: Sequence[str]) -> set[str]:
+    """Which of these span ids otel_traces already holds (one parameterized query)."""
+    result = client.query(
+        f"SELECT DISTINCT SpanId FROM {spans.TRACES_TABLE} WHERE SpanId IN {{ids:Array(String)}}",
+        parameters={"ids": list(span_ids)},
+    )
+    return {str(r[0]) for r in result.result_rows}
+
+
+def task_starts(client: Client, task_ids: Sequence[str]) -> dict[str, spans.TaskStart]:
+    """The recorded start (ts, µs) and parent span of these tasks (one parameterized query);
+    a plain task's raw row has the same id and ts as its envelope, the envelope wins."""
+    result = client.query(
+        f"SELECT id, toUnixTimestamp64Micro(argMax(ts, kind = 'task')),"
+        f" argMax(parent_span_id, kind = 'task') FROM {rows.MESSAGES_TABLE}"
+        " WHERE id IN {ids:Array(String)} AND kind IN ('task', 'raw') GROUP BY id",
+        parameters={"ids": list(task_ids)},
+    )
+    return {str(r[0]): spans.TaskStart(int(r[1]), str(r[2])) for r in result.result_rows}
