@@ -29,6 +29,7 @@ from beamline.errors import CallerError
 from services.recorder.batch import Batch
 from services.recorder.health import first_line
 from services.recorder.settings import RecorderSettings
+from services.recorder.span_memory import SpanMemory
 
 log = logging.getLogger("beamline.recorder")
 
@@ -64,6 +65,7 @@ class Store:
         self._writer: Client | None = None
         self._reader: Client | None = None
         self._lock = threading.Lock()
+        self.span_memory = SpanMemory()
 
     @property
     def connected(self) -> bool:
@@ -158,15 +160,23 @@ class Store:
         self, client: Client, plan: spans.Plan, redelivered: Sequence[str], isolate: bool
     ) -> int:
         """The spans of a batch into otel_traces, without those already stored."""
+        memory = self.span_memory
+        memory.remember_tasks(plan.tasks)
         maybe = plan.may_be_stored(frozenset(redelivered))
-        if maybe:
-            plan.without(stored_span_ids(client, maybe))
+        plan.without({s for s in maybe if memory.written(s)})
+        unknown = [s for s in maybe if not memory.written(s)]
+        if unknown and (redelivered or memory.young()):
+            plan.without(stored_span_ids(client, unknown))
         if not plan:
             return 0
         missing = plan.missing_tasks()
-        span_rows = spans.build(plan, task_starts(client, missing) if missing else None)
+        starts = memory.task_starts(missing)
+        ask = [t for t in missing if t not in starts]
+        if ask:
+            starts.update(task_starts(client, ask))
+        span_rows = spans.build(plan, starts or None)
         try:
-            return insert_spans(client, span_rows)
+            written = insert_spans(client, span_rows)
         except (OperationalError, OSError):
             raise
         except Exception as exc:
@@ -180,6 +190,8 @@ class Store:
                 extra={"spans": len(span_rows), "error": first_line(exc)},
             )
             return 0
+        memory.remember_written(span_rows)
+        return written
 
     def _insert_isolating(self, client: Client, batch_rows: Sequence[list[Any]]) -> tuple[int, int]:
         """Insert by halves until the rows ClickHouse refuses are alone; store each of those
