@@ -7,7 +7,9 @@ server stops delivering when `max_ack_pending` messages are in hand. Push, not p
 
 On start, a shard whose previous owner died with messages in hand is rewound to its ack
 floor, so they are redelivered at once instead of after ack_wait; messages already finished
-are recognised from the journal and only acknowledged.
+are recognised from the journal and only acknowledged. A rewound consumer counts deliveries
+from one again, so the deliveries of dead owners are counted in the BL_ATTEMPTS bucket: a
+message that kills every host it reaches is dead-lettered as poison, not replayed forever.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from beamline import subjects
 from beamline.deadletter import dead_letter_msg
@@ -47,6 +50,8 @@ class Shard:
         self.received = 0
         self.dead_lettered = 0
         self._sub: Subscription | None = None
+        self._attempts: KeyValue | None = None
+        self._replay_upto = 0  # stream seqs up to here were delivered to a dead owner
         self._config = ConsumerConfig(
             durable_name=self.name,
             filter_subject=subjects.mailbox_shard(shard),
@@ -60,6 +65,7 @@ class Shard:
     async def open(self) -> None:
         """Create the consumer, or rewind one whose last owner died holding messages."""
         config = self._config
+        self._attempts = await self.js.key_value(subjects.BUCKET_ATTEMPTS)
         try:
             info = await self.js.consumer_info(subjects.STREAM_MAILBOX, self.name)
         except NotFoundError:
@@ -67,6 +73,7 @@ class Shard:
             return
         if info.num_ack_pending:
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            self._replay_upto = info.delivered.stream_seq if info.delivered else 0
             await self.js.delete_consumer(subjects.STREAM_MAILBOX, self.name)
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = (floor or 0) + 1
@@ -105,19 +112,33 @@ class Shard:
                     f"no agent named {agent_name!r} is declared; check the name or the config",
                     Reason.UNKNOWN_RECIPIENT,
                 )
-            if msg.metadata.num_delivered > self.settings.max_deliveries:
-                raise CallerError(
-                    f"delivered {msg.metadata.num_delivered} times without being finished",
-                    Reason.POISON,
-                )
             task = intake.task_from_msg(msg, recipient=agent_name, max_bytes=self.max_bytes)
         except CallerError as exc:
             self.dead_lettered += 1
             inbox = f"bl.agent.{agent_name}.inbox"  # where it was published, before the shard
             await dead_letter_msg(self.js, msg, origin="agent", error=exc, subject=inbox)
             return
+        delivery = Delivery(task, _Acker(msg, self))
+        deliveries = await self._deliveries(msg)
+        if deliveries > self.settings.max_deliveries:
+            delivery.poison = f"delivered {deliveries} times without being finished"
         self.in_flight[msg.metadata.sequence.stream] = msg
-        agent.deliver(Delivery(task, _Acker(msg, self)))
+        agent.deliver(delivery)
+
+    async def _deliveries(self, msg: Msg) -> int:
+        """How often this message has been delivered, dead owners included. Only messages
+        replayed by a rewind cost a bucket round trip; new ones are counted by JetStream."""
+        seq = msg.metadata.sequence.stream
+        count = msg.metadata.num_delivered
+        if seq > self._replay_upto or self._attempts is None:
+            return count
+        key = f"mbox.{seq}"
+        try:
+            before = int((await self._attempts.get(key)).value or b"0")
+        except KeyNotFoundError:
+            before = 0
+        await self._attempts.put(key, str(before + 1).encode())
+        return count + before + 1
 
     def done(self, msg: Msg) -> None:
         self.in_flight.pop(msg.metadata.sequence.stream, None)

@@ -58,6 +58,7 @@ class Ackable(Protocol):
 class Delivery:
     task: Envelope
     msg: Ackable | None = None  # the mailbox message to acknowledge when done
+    poison: str | None = None  # why it must not be tried again (delivered too often)
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Agent:
         task = delivery.task
         attempts = 0
         bugs = 0
-        while True:
+        while delivery.poison is None:
             try:
                 await self._work(task)
                 break
@@ -165,8 +166,9 @@ class Agent:
                 self.last_error = repr(exc)
                 log.exception("agent crashed on a message", extra=logctx.ctx(task, agent=self.name))
                 if bugs > self.ctx.settings.bug_retries:
-                    await self._poison(delivery, exc)
-                    break
+                    delivery.poison = f"agent {self.name} crashed on it: {exc!r}"
+        if delivery.poison is not None:
+            await self._poison(delivery, delivery.poison)
         self.processed += 1
         if delivery.msg is not None:
             await delivery.msg.ack()
@@ -282,19 +284,20 @@ class Agent:
         await self.ctx.journal.append(self.name, error)
         await self._publish_outcome(task, error)
 
-    async def _poison(self, delivery: Delivery, exc: Exception) -> None:
+    async def _poison(self, delivery: Delivery, detail: str) -> None:
+        """Dead-letter the task and answer it with an error: it is not tried again."""
         task = delivery.task
         await dead_letter(
             self.ctx.js,
             origin="agent",
             reason=Reason.POISON,
-            detail=f"agent {self.name} failed on it: {exc!r}",
+            detail=detail,
             subject=subjects.inbox(self.name),
             data=bus.encode(task),
             key=task.id,
             trace_id=task.trace_id,
         )
-        await self._fail(task, Reason.POISON, f"agent {self.name} crashed on this task: {exc!r}")
+        await self._fail(task, Reason.POISON, detail)
 
     async def _publish_outcome(self, task: Envelope, outcome: Envelope) -> None:
         await bus.publish(self.ctx.js, subjects.reply(task.conversation_id), outcome)

@@ -90,3 +90,6 @@ async def ensure_streams(js: JetStreamContext, shards: int) -> None:
     await js.create_key_value(
         KeyValueConfig(bucket=subjects.BUCKET_LLM_RESULTS, ttl=timedelta(hours=1).total_seconds())
     )
+    await js.create_key_value(
+        KeyValueConfig(bucket=subjects.BUCKET_ATTEMPTS, ttl=timedelta(days=1).total_seconds())
+    )

@@ -141,3 +141,4 @@ def last_token(subject: str, index: int) -> str:
 
 # --- key-value buckets -----------------------------------------------------
 BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response (idempotency)
+BUCKET_ATTEMPTS: Final = "BL_ATTEMPTS"  # agent hosts: deliveries of a mailbox message by dead hosts

@@ -387,3 +387,25 @@ async def test_a_graceful_stop_finishes_the_message_in_hand_before_exiting(
     mailboxes = await mesh.js.consumers_info(subjects.STREAM_MAILBOX)
     assert sum(c.num_ack_pending for c in mailboxes) == 0  # acked before the exit
     assert len(await mesh.fakellm_calls()) == 2
+
+
+async def test_a_message_that_keeps_killing_hosts_is_dead_lettered_as_poison(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    args = probe_mesh_args(tmp_path)
+    args["env"]["BEAMLINE_AGENT_MAX_DELIVERIES"] = "1"
+    mesh = await start_mesh(**args)
+    await client.submit(mesh.nc, subjects.task("probe"), "please be slow", "poison-1")
+
+    async def slow_call_in_flight() -> bool:
+        return len(await mesh.fakellm_calls()) == 2
+
+    await wait_for(slow_call_in_flight, timeout=20, what="the slow LLM call")
+    mesh.mesh.process("agent").kill()  # the host dies holding the message: delivery 1
+    await mesh.mesh.respawn("agent")  # the rewound shard replays it: delivery 2 > 1
+
+    reply = await client.await_reply(mesh.nc, "poison-1", timeout=30)
+    assert getattr(reply.payload, "reason", None) == "poison", reply
+    letters = await stream_messages(mesh, subjects.dlq("agent"))
+    assert [getattr(d.payload, "reason", None) for d in letters] == ["poison"]
+    assert len(await mesh.fakellm_calls()) == 2  # not tried again
