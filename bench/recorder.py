@@ -13,8 +13,9 @@ from nats.aio.client import Client as NATS
 
 from beamline import bus, storage, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
+from beamline.process import Process
 from beamline.rows import envelope_row, insert_rows
-from beamline.testing import Process, mesh_env, start_service
+from beamline.testing import mesh_env, start_service
 from services.recorder.settings import RecorderSettings
 
 

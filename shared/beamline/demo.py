@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 
@@ -21,9 +20,7 @@ TASKS = (
 
 async def run(options: RuntimeOptions, data_dir: Path) -> int:
     shutil.rmtree(data_dir, ignore_errors=True)  # a demo starts from nothing
-    os.environ.setdefault("BEAMLINE_CONFIG", "infra/examples/research-team.yaml")
-    os.environ["BEAMLINE_DATA_DIR"] = str(data_dir)
-    settings = MeshSettings()
+    settings = MeshSettings(data_dir=data_dir)  # the team file: BEAMLINE_CONFIG or the example
     mesh = Mesh(settings, options)
     print(f"starting the embedded mesh under {data_dir} …")
     try:

@@ -17,8 +17,8 @@ import httpx
 from nats.aio.client import Client as NATS
 
 from beamline import bus, streams, subjects
+from beamline.process import Process, nats_server_binary, start_process
 from beamline.settings import MeshSettings
-from beamline.testing import Process, nats_server_binary, start_process
 
 log = logging.getLogger("beamline.runtime")
 
