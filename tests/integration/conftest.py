@@ -3,7 +3,7 @@ gateway and agent host as real processes on free 127.0.0.1 ports, torn down even
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,15 @@ from nats.aio.client import Client as NATS
 from beamline import bus
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
-from beamline.testing import containers, free_port, pick_test_backend
+from beamline.testing import (
+    NatsServer,
+    Process,
+    containers,
+    free_port,
+    mesh_env,
+    pick_test_backend,
+    start_service,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM = ROOT / "infra/examples/research-team.yaml"
@@ -101,3 +109,37 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
             await nc.close()
             mesh.stop()
         stack.close()
+
+
+# --- one recorder process at a time, on the per-test nats-server (tests/conftest.py) ------
+
+# short timers so redelivery and retry paths finish within a test
+FAST_RECORDER = {
+    "BEAMLINE_RECORDER_FLUSH_INTERVAL_MS": "50",
+    "BEAMLINE_RECORDER_ACK_WAIT_S": "2",
+    "BEAMLINE_RECORDER_BACKOFF_INITIAL_S": "0.05",
+    "BEAMLINE_RECORDER_BACKOFF_MAX_S": "0.5",
+    "BEAMLINE_RECORDER_PULL_EXPIRES_S": "2",
+}
+
+StartRecorder = Callable[..., Process]
+
+
+@pytest.fixture
+def recorder(nats_server: NatsServer, tmp_path: Path) -> Iterator[StartRecorder]:
+    """Start recorder processes with extra env; all are killed (logs printed) at the end."""
+    procs: list[Process] = []
+
+    def start(**env: str) -> Process:
+        full = mesh_env(nats_server.url, tmp_path / "data", **FAST_RECORDER)
+        full.update(env)
+        proc = start_service("recorder", full, tmp_path / "logs", suffix=f"-{len(procs)}")
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+            print(f"--- {proc.name} log (tail) ---\n{proc.logs()[-4000:]}")

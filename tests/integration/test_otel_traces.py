@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from beamline.envelope import (
     ToolResultPayload,
     Usage,
 )
-from beamline.testing import NatsServer, Process, mesh_env, start_service, wait_for
+from beamline.testing import wait_for
 
-from .conftest import ROOT, MeshFactory
+from .conftest import ROOT, MeshFactory, StartRecorder
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,33 +93,6 @@ async def test_a_task_with_a_tool_call_is_one_trace_of_otel_spans(
 
 # --- a redelivery adds no spans: the recorder killed between insert and ack -------------
 
-FAST = {
-    "BEAMLINE_RECORDER_FLUSH_INTERVAL_MS": "50",
-    "BEAMLINE_RECORDER_ACK_WAIT_S": "2",
-    "BEAMLINE_RECORDER_BACKOFF_INITIAL_S": "0.05",
-    "BEAMLINE_RECORDER_BACKOFF_MAX_S": "0.5",
-    "BEAMLINE_RECORDER_PULL_EXPIRES_S": "2",
-}
-
-
-@pytest.fixture
-def recorder(nats_server: NatsServer, tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    procs: list[Process] = []
-
-    def start(**env: str) -> Process:
-        full = mesh_env(nats_server.url, tmp_path / "data", **FAST)
-        full.update(env)
-        proc = start_service("recorder", full, tmp_path / "logs", suffix=f"-{len(procs)}")
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            proc.kill()
-            print(f"--- {proc.name} log (tail) ---\n{proc.logs()[-4000:]}")
-
 
 def conversation(conv: str) -> list[tuple[str, Envelope]]:
     """(subject, envelope) as an agent would record a task with one tool call."""
@@ -177,7 +149,7 @@ def conversation(conv: str) -> list[tuple[str, Envelope]]:
 
 
 async def test_a_redelivered_batch_adds_no_duplicate_spans(
-    nc: NATS, recorder: Callable[..., Process]
+    nc: NATS, recorder: StartRecorder
 ) -> None:
     js = nc.jetstream()
     crashing = recorder(BEAMLINE_RECORDER_CRASH_AFTER_INSERT="1")
@@ -216,6 +188,7 @@ from beamline import bus, rows
 from services.recorder.batch import Batch
 from services.recorder.settings import RecorderSettings
 from services.recorder.store import Store
+
 from tests.integration.test_otel_traces import conversation
 
 made = {}

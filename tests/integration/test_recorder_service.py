@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,38 +26,11 @@ from beamline.envelope import (
     TaskPayload,
     Usage,
 )
-from beamline.testing import NatsServer, Process, free_port, mesh_env, start_service, wait_for
+from beamline.testing import NatsServer, free_port, wait_for
+
+from .conftest import StartRecorder
 
 pytestmark = pytest.mark.timeout(60)
-
-FAST = {
-    "BEAMLINE_RECORDER_FLUSH_INTERVAL_MS": "50",
-    "BEAMLINE_RECORDER_ACK_WAIT_S": "2",
-    "BEAMLINE_RECORDER_BACKOFF_INITIAL_S": "0.05",
-    "BEAMLINE_RECORDER_BACKOFF_MAX_S": "0.5",
-    "BEAMLINE_RECORDER_PULL_EXPIRES_S": "2",
-}
-
-StartRecorder = Callable[..., Process]
-
-
-@pytest.fixture
-def recorder(nats_server: NatsServer, tmp_path: Path) -> Iterator[StartRecorder]:
-    procs: list[Process] = []
-
-    def start(**env: str) -> Process:
-        full = mesh_env(nats_server.url, tmp_path / "data", **FAST)
-        full.update(env)
-        proc = start_service("recorder", full, tmp_path / "logs", suffix=f"-{len(procs)}")
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            proc.kill()
-            print(f"--- {proc.name} log (tail) ---\n{proc.logs()[-4000:]}")
 
 
 async def health(nc: NATS) -> dict[str, Any]:
@@ -89,6 +60,7 @@ async def scalar(nc: NATS, statement: str, **parameters: Any) -> Any:
 async def until_scalar(
     nc: NATS, statement: str, expected: Any, timeout: float = 15, **parameters: Any
 ) -> None:
+
     async def check() -> bool:
         return bool(await scalar(nc, statement, **parameters) == expected)
 
