@@ -409,3 +409,20 @@ async def test_a_message_that_keeps_killing_hosts_is_dead_lettered_as_poison(
     letters = await stream_messages(mesh, subjects.dlq("agent"))
     assert [getattr(d.payload, "reason", None) for d in letters] == ["poison"]
     assert len(await mesh.fakellm_calls()) == 2  # not tried again
+
+
+async def test_with_the_gateway_down_a_task_fails_with_a_reason_and_work_resumes_after(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh(
+        env={"BEAMLINE_AGENT_TRANSIENT_RETRIES": "1", "BEAMLINE_AGENT_RETRY_BASE_S": "0.05"}
+    )
+    mesh.mesh.process("gateway").kill()
+    down = await client.submit(mesh.nc, subjects.task("writing"), "anyone there?")
+    reply = await client.await_reply(mesh.nc, down, timeout=30)
+    assert getattr(reply.payload, "reason", None) == "gateway_unavailable", reply
+    assert mesh.mesh.process("agent").alive()
+
+    await mesh.mesh.respawn("gateway")
+    back = await client.submit(mesh.nc, subjects.task("writing"), "and now?")
+    assert (await client.await_reply(mesh.nc, back, timeout=30)).kind.value == "reply"
