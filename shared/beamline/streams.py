@@ -93,3 +93,5 @@ async def ensure_streams(js: JetStreamContext, shards: int) -> None:
     await js.create_key_value(
         KeyValueConfig(bucket=subjects.BUCKET_ATTEMPTS, ttl=timedelta(days=1).total_seconds())
     )
+    # the supervisor's lease and recorded tree state: small, latest value per key only
+    await js.create_key_value(KeyValueConfig(bucket=subjects.BUCKET_SUPERVISOR, history=1))

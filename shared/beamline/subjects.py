@@ -11,6 +11,13 @@ Each subject position means one thing so wildcards work:
     bl.llm.<provider>              LLM requests (request/reply)        (core NATS)
     bl.query.sql                   read-only ClickHouse query          (core NATS)
     bl.svc.<service>.health        "what are you doing?"               (core NATS)
+    bl.ctl.<host>.<command>        supervisor -> agent host commands    (core NATS)
+    bl.sup.hb.<host>               host heartbeats                     (core NATS)
+    bl.sup.exit                    host -> supervisor: a child exited  (core NATS)
+    bl.admin.<command>             operator -> supervisor (ps, kill..) (core NATS)
+
+Only the supervisor publishes on bl.ctl.>; hosts publish heartbeats and exits; operators
+(the CLI) talk to the supervisor on bl.admin.>, which records and carries out their command.
 """
 
 from __future__ import annotations
@@ -134,6 +141,28 @@ def health(service: str) -> str:
     return f"bl.svc.{token(service, 'service')}.health"
 
 
+def control(host: str, command: str) -> str:
+    return f"bl.ctl.{token(host, 'host')}.{token(command, 'command')}"
+
+
+def control_all(host: str) -> str:
+    return f"bl.ctl.{token(host, 'host')}.>"
+
+
+def heartbeat(host: str) -> str:
+    return f"bl.sup.hb.{token(host, 'host')}"
+
+
+HEARTBEATS_ALL: Final = "bl.sup.hb.*"
+CHILD_EXIT: Final = "bl.sup.exit"
+CONTROL_ALL: Final = "bl.ctl.>"
+ADMIN_ALL: Final = "bl.admin.*"
+
+
+def admin(command: str) -> str:
+    return f"bl.admin.{token(command, 'command')}"
+
+
 def last_token(subject: str, index: int) -> str:
     """The token at `index` of a subject (negative counts from the end)."""
     return subject.split(".")[index]
@@ -142,3 +171,4 @@ def last_token(subject: str, index: int) -> str:
 # --- key-value buckets -----------------------------------------------------
 BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response (idempotency)
 BUCKET_ATTEMPTS: Final = "BL_ATTEMPTS"  # agent hosts: deliveries of a mailbox message by dead hosts
+BUCKET_SUPERVISOR: Final = "BL_SUPERVISOR"  # supervisor: leader lease and the tree's state
