@@ -15,7 +15,8 @@ message that kills every host it reaches is dead-lettered as poison, not replaye
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -34,18 +35,46 @@ from services.agent.settings import AgentHostSettings
 log = logging.getLogger("beamline.agent.mailbox")
 
 
+@dataclass(frozen=True)
+class Mailbox:
+    """Which stored inbox messages one consumer feeds this host: a shard of every agent's
+    mailbox, or the whole mailbox of one pinned agent (an agent with placement labels)."""
+
+    name: str  # the durable consumer
+    filter_subject: str
+    deliver_subject: str  # per host, so a consumer taken over no longer feeds the old host
+
+    @classmethod
+    def shard(cls, host: str, k: int) -> Mailbox:
+        return cls(
+            subjects.mailbox_consumer(k),
+            subjects.mailbox_shard(k),
+            subjects.mailbox_deliver(host, k),
+        )
+
+    @classmethod
+    def pinned(cls, host: str, agent: str) -> Mailbox:
+        return cls(
+            subjects.pinned_consumer(agent),
+            subjects.mailbox_of(agent),
+            subjects.pinned_deliver(host, agent),
+        )
+
+
 class Shard:
     def __init__(
         self,
         js: JetStreamContext,
-        shard: int,
+        mailbox: Mailbox,
         agents: Callable[[str], Agent | None],
         settings: AgentHostSettings,
         max_bytes: int,
+        elsewhere: Container[str] = (),
     ) -> None:
-        self.js, self.shard, self.agents = js, shard, agents
+        self.js, self.mailbox, self.agents = js, mailbox, agents
         self.settings, self.max_bytes = settings, max_bytes
-        self.name = subjects.mailbox_consumer(shard)
+        self.elsewhere = elsewhere  # pinned agents: their own consumer serves them
+        self.name = mailbox.name
         self.in_flight: dict[int, Msg] = {}  # by stream sequence
         self.received = 0
         self.dead_lettered = 0
@@ -54,8 +83,8 @@ class Shard:
         self._replay_upto = 0  # stream seqs up to here were delivered to a dead owner
         self._config = ConsumerConfig(
             durable_name=self.name,
-            filter_subject=subjects.mailbox_shard(shard),
-            deliver_subject=subjects.mailbox_deliver(shard),
+            filter_subject=mailbox.filter_subject,
+            deliver_subject=mailbox.deliver_subject,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=settings.ack_wait_s,
             max_ack_pending=settings.max_in_flight,
@@ -63,7 +92,8 @@ class Shard:
         )
 
     async def open(self) -> None:
-        """Create the consumer, or rewind one whose last owner died holding messages."""
+        """Create the consumer, or take it over from its last owner: rewound to its ack
+        floor, so what that owner held unfinished is redelivered here at once."""
         config = self._config
         self._attempts = await self.js.key_value(subjects.BUCKET_ATTEMPTS)
         try:
@@ -71,7 +101,7 @@ class Shard:
         except NotFoundError:
             await self.js.add_consumer(subjects.STREAM_MAILBOX, config)
             return
-        if info.num_ack_pending:
+        if info.num_ack_pending or info.config.deliver_subject != config.deliver_subject:
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
             self._replay_upto = info.delivered.stream_seq if info.delivered else 0
             await self.js.delete_consumer(subjects.STREAM_MAILBOX, self.name)
@@ -81,7 +111,7 @@ class Shard:
             log.info(
                 "shard rewound to its ack floor for immediate redelivery",
                 extra={
-                    "shard": self.shard,
+                    "consumer": self.name,
                     "from_seq": config.opt_start_seq,
                     "unacked": info.num_ack_pending,
                 },
@@ -105,6 +135,9 @@ class Shard:
     async def _route(self, msg: Msg) -> None:
         self.received += 1
         agent_name = subjects.last_token(msg.subject, -1)
+        if agent_name in self.elsewhere:
+            await msg.ack()  # a pinned agent's message: its own consumer delivers it
+            return
         agent = self.agents(agent_name)
         try:
             if agent is None:
@@ -118,7 +151,7 @@ class Shard:
             inbox = f"bl.agent.{agent_name}.inbox"  # where it was published, before the shard
             await dead_letter_msg(self.js, msg, origin="agent", error=exc, subject=inbox)
             return
-        delivery = Delivery(task, _Acker(msg, self))
+        delivery = Delivery(task, MailboxAck(msg, self))
         deliveries = await self._deliveries(msg)
         if deliveries > self.settings.max_deliveries:
             delivery.poison = f"delivered {deliveries} times without being finished"
@@ -144,14 +177,14 @@ class Shard:
         self.in_flight.pop(msg.metadata.sequence.stream, None)
 
 
-class _Acker:
+class MailboxAck:
     """Acknowledges the mailbox message and forgets it in the shard's in-flight table."""
 
     def __init__(self, msg: Msg, shard: Shard) -> None:
-        self._msg, self._shard = msg, shard
+        self.msg, self.shard = msg, shard
 
     async def ack(self) -> None:
         try:
-            await self._msg.ack()
+            await self.msg.ack()
         finally:
-            self._shard.done(self._msg)
+            self.shard.done(self.msg)

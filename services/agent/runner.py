@@ -11,8 +11,8 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
@@ -22,6 +22,8 @@ from nats.js.client import JetStreamContext
 from beamline import bus, subjects
 from beamline import log as logctx
 from beamline.config import AgentSpec
+from beamline.control import AgentBeat, StopOutcome
+from beamline.control import AgentState as State
 from beamline.deadletter import dead_letter
 from beamline.envelope import (
     Envelope,
@@ -43,13 +45,6 @@ from services.agent.settings import AgentHostSettings
 log = logging.getLogger("beamline.agent")
 
 
-class State(StrEnum):
-    IDLE = "idle"
-    RUNNING = "running"
-    WAITING_ON_LLM = "waiting-on-llm"
-    WAITING_ON_TOOL = "waiting-on-tool"
-
-
 class Ackable(Protocol):
     async def ack(self) -> None: ...
 
@@ -59,6 +54,11 @@ class Delivery:
     task: Envelope
     msg: Ackable | None = None  # the mailbox message to acknowledge when done
     poison: str | None = None  # why it must not be tried again (delivered too often)
+    crashes: int = 0  # incarnations of its agent it has killed on this host
+
+
+class AgentCrashed(Exception):
+    """A supervised agent's code raised: the incarnation dies and its supervisor decides."""
 
 
 @dataclass
@@ -69,40 +69,108 @@ class HostContext:
     settings: AgentHostSettings
 
 
-@dataclass
+ExitReport = Callable[["Agent", str], None]
+
+
+@dataclass(eq=False)
 class Agent:
+    """One incarnation of an agent. A supervised agent runs only between its supervisor's
+    start and stop; a crash ends the incarnation and the next one (a new object, same
+    queue) takes the message up again from the journal. An unsupervised agent always runs."""
+
     spec: AgentSpec
     ctx: HostContext
     queue: deque[Delivery] = field(default_factory=deque)
-    state: State = State.IDLE
+    running: bool = True
+    generation: int = 0
+    restarts: int = 0
+    on_exit: ExitReport | None = None  # set for supervised agents: crashes are reported
     processed: int = 0
     failed: int = 0
     tokens: int = 0
     step: int = 0
     last_error: str | None = None
+    _state: State = State.IDLE
+    _changed_at: float = field(default_factory=time.monotonic)
     _worker: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self._state, self._changed_at = value, time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
     def deliver(self, delivery: Delivery) -> None:
         self.queue.append(delivery)
-        if self._worker is None or self._worker.done():
+        self.kick()
+
+    def kick(self) -> None:
+        """Work through the queue if running and not already at it."""
+        if self.running and self.queue and not self.busy:
             self._worker = asyncio.create_task(self._drain(), name=f"agent:{self.name}")
 
+    def successor(self, generation: int) -> Agent:
+        """The next incarnation: fresh state, the same queue (nothing in it is lost)."""
+        return Agent(
+            self.spec,
+            self.ctx,
+            queue=self.queue,
+            running=False,
+            generation=generation,
+            restarts=self.restarts + (1 if self.generation else 0),
+            on_exit=self.on_exit,
+            processed=self.processed,
+            failed=self.failed,
+            tokens=self.tokens,
+            last_error=self.last_error,
+            _state=State.STARTING,
+        )
+
+    def beat(self) -> AgentBeat:
+        return AgentBeat(
+            agent=self.name,
+            state=self.state,
+            generation=self.generation,
+            mailbox_depth=len(self.queue),
+            step=self.step,
+            tokens=self.tokens,
+            processed=self.processed,
+            failed=self.failed,
+            progress_age_s=round(time.monotonic() - self._changed_at, 3),
+            last_error=self.last_error,
+        )
+
     def status(self) -> dict[str, Any]:
-        return {
-            "agent": self.name,
-            "role": self.spec.role,
-            "state": self.state.value,
-            "mailbox_depth": len(self.queue),
-            "step": self.step,
-            "processed": self.processed,
-            "failed": self.failed,
-            "tokens": self.tokens,
-            "last_error": self.last_error,
-        }
+        return {"role": self.spec.role, "restarts": self.restarts, **self.beat().model_dump()}
+
+    async def halt(self, timeout: float | None) -> StopOutcome:
+        """Stop working (the supervisor's stop): finish the message in hand within `timeout`
+        (None: brutal_kill), else cancel it. Queued messages stay for the next incarnation."""
+        self.running = False
+        worker = self._worker
+        outcome = StopOutcome.SHUTDOWN
+        if worker is not None and not worker.done():
+            try:
+                if timeout is None:
+                    raise TimeoutError
+                await asyncio.wait_for(asyncio.shield(worker), timeout)
+            except TimeoutError:
+                worker.cancel()
+                await asyncio.gather(worker, return_exceptions=True)
+                outcome = StopOutcome.KILLED
+        if self.state is not State.DEAD:
+            self.state = State.STOPPED
+        return outcome
 
     async def stop(self, timeout: float) -> None:
         """Finish the message in hand (journal, then ack); leave the rest for redelivery."""
@@ -117,24 +185,36 @@ class Agent:
                 self._worker.cancel()
 
     async def _drain(self) -> None:
-        while self.queue:
+        # A cancelled (killed) incarnation leaves its message at the head of the queue.
+        while self.queue and self.running:
             delivery = self.queue[0]
             try:
                 await self._handle(delivery)
+            except AgentCrashed as crash:
+                self._die(str(crash))
+                return
             except Exception:  # even the failure path failed (NATS gone): redelivery will retry
                 log.exception(
                     "message left unacknowledged for redelivery",
                     extra=logctx.ctx(delivery.task, agent=self.name),
                 )
-            finally:
-                if self.queue and self.queue[0] is delivery:
-                    self.queue.popleft()
-                self.state = State.IDLE
+            if self.queue and self.queue[0] is delivery:
+                self.queue.popleft()
+            self.state = State.IDLE
+
+    def _die(self, exit: str) -> None:
+        self.running = False
+        self.state = State.DEAD
+        self.last_error = exit
+        if self.on_exit is not None:
+            self.on_exit(self, exit)
 
     async def _handle(self, delivery: Delivery) -> None:
         task = delivery.task
         attempts = 0
         bugs = 0
+        if delivery.crashes > self.ctx.settings.bug_retries:
+            delivery.poison = f"agent {self.name} crashed on it {delivery.crashes} times"
         while delivery.poison is None:
             try:
                 await self._work(task)
@@ -165,6 +245,9 @@ class Agent:
                 bugs += 1
                 self.last_error = repr(exc)
                 log.exception("agent crashed on a message", extra=logctx.ctx(task, agent=self.name))
+                if self.on_exit is not None:  # supervised: this incarnation dies
+                    delivery.crashes += 1
+                    raise AgentCrashed(f"crash: {exc!r}") from exc
                 if bugs > self.ctx.settings.bug_retries:
                     delivery.poison = f"agent {self.name} crashed on it: {exc!r}"
         if delivery.poison is not None:

@@ -9,10 +9,11 @@ from typing import Any
 from beamline import bus, config, streams
 from beamline.service import answer_health
 from beamline.settings import MeshSettings
+from services.agent.control import Control
 from services.agent.dispatch import Dispatcher
+from services.agent.host import Host
 from services.agent.journal import Journal
-from services.agent.mailbox import Shard
-from services.agent.runner import Agent, HostContext
+from services.agent.runner import HostContext
 from services.agent.settings import AgentHostSettings
 
 log = logging.getLogger("beamline.agent")
@@ -22,44 +23,51 @@ async def main(stop: asyncio.Event) -> None:
     mesh, settings = MeshSettings(), AgentHostSettings()
     deployment = config.load(mesh.config)
     deployment.check_tools()
-    shard_ids = settings.owned_shards(mesh.mailbox_shards)
+    static_shards = settings.owned_shards(mesh.mailbox_shards, bool(deployment.supervisors))
 
     nc = await bus.connect(mesh.nats_url, f"agent-host:{settings.host_id}")
     js = nc.jetstream()
     await streams.ensure_streams(js, mesh.mailbox_shards)
     ctx = HostContext(nc=nc, js=js, journal=Journal(js), settings=settings)
-    agents = {spec.name: Agent(spec, ctx) for spec in deployment.agents}
-
+    host = Host(ctx, deployment, settings, mesh.max_message_bytes)
     dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes)
     await dispatcher.open()
-    shards = [Shard(js, k, agents.get, settings, mesh.max_message_bytes) for k in shard_ids]
-    for shard in shards:
-        await shard.open()
+    if static_shards is not None:
+        await host.assign(static_shards)
+    control = Control(nc, host)
 
     def status() -> dict[str, Any]:
+        mailboxes = host.mailboxes()
         return {
-            "host": settings.host_id,
-            "shards": shard_ids,
-            "agents": [a.status() for a in agents.values()],
+            "host": host.id,
+            "labels": host.labels,
+            "shards": sorted(host.shards),
+            "pinned": sorted(host.pinned),
+            "agents": [a.status() for a in list(host.agents.values())[:1000]],
             "dispatched": dispatcher.dispatched,
-            "dead_lettered": dispatcher.dead_lettered + sum(s.dead_lettered for s in shards),
-            "in_flight": sum(len(s.in_flight) for s in shards),
+            "dead_lettered": dispatcher.dead_lettered + sum(m.dead_lettered for m in mailboxes),
+            "in_flight": sum(len(m.in_flight) for m in mailboxes),
         }
 
     health = await answer_health(nc, "agent", status)
-    for shard in shards:
-        await shard.start()
+    await control.start()
     await dispatcher.start()
     log.info(
         "agent host ready",
-        extra={"host": settings.host_id, "agents": len(agents), "shards": len(shard_ids)},
+        extra={
+            "host": host.id,
+            "agents": len(host.agents),
+            "shards": "assigned by the supervisor" if static_shards is None else len(static_shards),
+        },
     )
     await stop.wait()
 
     # Graceful stop: stop taking work, finish what each agent has in hand, then close.
+    host.taking = False
     await dispatcher.stop_taking()
-    for shard in shards:
-        await shard.stop_taking()
-    await asyncio.gather(*(a.stop(timeout=10) for a in agents.values()))
+    for mailbox in host.mailboxes():
+        await mailbox.stop_taking()
+    await asyncio.gather(*(a.stop(timeout=10) for a in host.agents.values()))
+    await control.close()
     await health.unsubscribe()
     await nc.drain()

@@ -90,6 +90,20 @@ class Deployment(Strict):
     def agent(self, name: str) -> AgentSpec | None:
         return next((a for a in self.agents if a.name == name), None)
 
+    def supervised_agents(self) -> frozenset[str]:
+        """Agents some supervisor names: they run only when it starts them."""
+        return frozenset(c.agent for s in self.supervisors for c in s.children if c.agent)
+
+    def pinned_agents(self) -> dict[str, dict[str, str]]:
+        """Agents with placement labels -> the labels: each gets its own mailbox consumer,
+        on a host the supervisor picks, instead of living in a hash shard."""
+        return {
+            c.agent: c.placement
+            for s in self.supervisors
+            for c in s.children
+            if c.agent and c.placement
+        }
+
     def check_tools(self) -> None:
         """Import tool modules and check every agent's tools exist. Call where tools run."""
         import_tool_modules(list(self.tools_modules))

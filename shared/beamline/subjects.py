@@ -62,12 +62,22 @@ def mailbox_consumer(shard: int) -> str:
     return f"mbox-{shard}"
 
 
+def pinned_consumer(agent: str) -> str:
+    """The own mailbox consumer of an agent with placement labels (not in a shard)."""
+    return f"agent-{token(agent, 'agent')}"
+
+
 # Push consumers deliver here; outside every stream's subjects, one prefix per service.
 DELIVER_DISPATCH: Final = "_bl.deliver.agent.dispatch"
 
 
-def mailbox_deliver(shard: int) -> str:
-    return f"_bl.deliver.agent.mbox.{shard}"
+def mailbox_deliver(host: str, shard: int) -> str:
+    """Per host: a consumer re-created for a new owner no longer feeds the old one."""
+    return f"_bl.deliver.agent.{token(host, 'host')}.mbox.{shard}"
+
+
+def pinned_deliver(host: str, agent: str) -> str:
+    return f"_bl.deliver.agent.{token(host, 'host')}.pin.{token(agent, 'agent')}"
 
 
 # --- queue groups ----------------------------------------------------------
