@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,9 +34,15 @@ EXIT_REPORT_TRIES = 60  # ~30 s of retries: a supervisor failing over takes < 2 
 
 class Host:
     def __init__(
-        self, ctx: HostContext, deployment: Deployment, settings: AgentHostSettings, max_bytes: int
+        self,
+        ctx: HostContext,
+        deployment: Deployment,
+        settings: AgentHostSettings,
+        max_bytes: int,
+        total_shards: int,
     ) -> None:
         self.ctx, self.settings, self.max_bytes = ctx, settings, max_bytes
+        self.total_shards = total_shards
         self.id = settings.host_id
         self.incarnation = new_span_id()
         self.labels = settings.label_map()
@@ -52,6 +60,8 @@ class Host:
         self.term = 0
         self.taking = True
         self._reports: set[asyncio.Task[None]] = set()
+        # crash -> successor started, per restart: what `make bench` reports
+        self.restart_ms: deque[float] = deque(maxlen=10_000)
 
     # --- mailboxes ------------------------------------------------------------------
 
@@ -64,6 +74,17 @@ class Host:
             )
         await self._converge(self.shards, {k: Mailbox.shard(self.id, k) for k in shards})
         await self._converge(self.pinned, {a: Mailbox.pinned(self.id, a) for a in pinned})
+        # a supervised agent whose mailbox moved away runs elsewhere now (after a partition,
+        # say): this stale incarnation must not keep working
+        for name, agent in list(self.agents.items()):
+            if name in self.supervised and agent.running and not self.serves(name):
+                await agent.halt(None)
+
+    def serves(self, agent: str) -> bool:
+        """Whether one of this host's mailboxes feeds `agent`."""
+        if agent in self.pinned_names:
+            return agent in self.pinned
+        return subjects.shard_of(agent, self.total_shards) in self.shards
 
     async def _converge(self, have: dict[Any, Shard], want: dict[Any, Mailbox]) -> None:
         for key in [k for k in have if k not in want]:
@@ -122,6 +143,8 @@ class Host:
                 )
             self.ctx.journal.forget(name)  # the new incarnation rebuilds from the stream
             new = old.successor(generation)
+            if old.crashed_at is not None:
+                self.restart_ms.append((time.monotonic() - old.crashed_at) * 1000)
             self.agents[name] = new
             new.running = True
             new.state = AgentState.IDLE

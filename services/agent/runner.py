@@ -36,7 +36,7 @@ from beamline.envelope import (
 )
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
 from beamline.ids import derived_id
-from beamline.tools import get_tool
+from beamline.tools import Crash, get_tool
 from services.agent import conversation as conv
 from services.agent import llm
 from services.agent.journal import Journal
@@ -90,6 +90,7 @@ class Agent:
     tokens: int = 0
     step: int = 0
     last_error: str | None = None
+    crashed_at: float | None = None  # monotonic, when this incarnation died
     _state: State = State.IDLE
     _changed_at: float = field(default_factory=time.monotonic)
     _worker: asyncio.Task[None] | None = None
@@ -203,6 +204,7 @@ class Agent:
             self.state = State.IDLE
 
     def _die(self, exit: str) -> None:
+        self.crashed_at = time.monotonic()
         self.running = False
         self.state = State.DEAD
         self.last_error = exit
@@ -335,6 +337,8 @@ class Agent:
                     Reason.UNKNOWN_TOOL,
                 )
             result = await get_tool(call.name).run(call.arguments)
+        except Crash:
+            raise
         except BeamlineError as exc:
             result, error = str(exc), exc.reason.value
         except Exception as exc:  # the tool's own failure is the LLM's to handle, not a crash

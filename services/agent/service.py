@@ -29,7 +29,7 @@ async def main(stop: asyncio.Event) -> None:
     js = nc.jetstream()
     await streams.ensure_streams(js, mesh.mailbox_shards)
     ctx = HostContext(nc=nc, js=js, journal=Journal(js), settings=settings)
-    host = Host(ctx, deployment, settings, mesh.max_message_bytes)
+    host = Host(ctx, deployment, settings, mesh.max_message_bytes, mesh.mailbox_shards)
     dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes)
     await dispatcher.open()
     if static_shards is not None:
@@ -47,6 +47,7 @@ async def main(stop: asyncio.Event) -> None:
             "dispatched": dispatcher.dispatched,
             "dead_lettered": dispatcher.dead_lettered + sum(m.dead_lettered for m in mailboxes),
             "in_flight": sum(len(m.in_flight) for m in mailboxes),
+            "restart_ms": list(host.restart_ms)[-1000:],
         }
 
     health = await answer_health(nc, "agent", status)

@@ -27,12 +27,12 @@ from beamline import bus, subjects
 from beamline.config import Deployment
 from beamline.envelope import Envelope, LLMRequestPayload
 from beamline.errors import CallerError, ConfigError, Reason
+from beamline.events import EventSink
 from beamline.log import ctx
 from beamline.service import answer_health
 from beamline.settings import MeshSettings
 from services.gateway import replies
 from services.gateway.breaker import ProviderBreaker
-from services.gateway.events import EventSink
 from services.gateway.idempotency import ResultStore, Singleflight
 from services.gateway.providers import wire_for
 from services.gateway.redaction import Redactor
@@ -59,7 +59,7 @@ class Gateway:
         self._settings = settings
         self._mesh = mesh
         self._nc = nc
-        self._events = EventSink(nc.jetstream())
+        self._events = EventSink(nc.jetstream(), "gateway")
         self._results = ResultStore(kv)
         self._flight: Singleflight[Reply] = Singleflight()
         self._slots = asyncio.Semaphore(settings.concurrency)

@@ -22,7 +22,7 @@ from beamline.settings import MeshSettings
 
 log = logging.getLogger("beamline.runtime")
 
-SERVICES = ("recorder", "gateway", "agent")  # start order; stopped in reverse
+SERVICES = ("recorder", "gateway", "supervisor", "agent")  # start order; stopped in reverse
 
 
 @dataclass
@@ -142,6 +142,12 @@ class Mesh:
             except Exception:
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"{service} did not answer its health check; see {proc.log_path}")
+
+    def spawn(self, name: str, module: str, env: dict[str, str] | None = None) -> Process:
+        """Start one more service process (a second agent host, a standby supervisor)."""
+        proc = self._spawn(name, [sys.executable, "-m", module], env)
+        self.processes.append(proc)
+        return proc
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)

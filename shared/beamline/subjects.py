@@ -118,6 +118,15 @@ def mailbox_shard(shard: int) -> str:
     return f"bl.mbox.{shard}.*"
 
 
+def shard_of(agent: str, shards: int) -> int:
+    """The shard the server's `partition(shards,1)` transform puts an agent's mailbox in:
+    FNV-1a (32 bit) of the agent id, modulo the shard count, as nats-server computes it."""
+    h = 0x811C9DC5
+    for byte in agent.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % shards
+
+
 def mailbox_of(agent: str) -> str:
     """One agent's stored mailbox messages, whatever its shard."""
     return f"bl.mbox.*.{token(agent, 'agent')}"

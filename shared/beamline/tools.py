@@ -27,6 +27,12 @@ from beamline.envelope import ToolSpec
 from beamline.errors import CallerError, ConfigError, Reason
 
 
+class Crash(Exception):
+    """Raise from a tool to crash the agent itself, not to report a failure to the LLM:
+    "let it crash". A supervised agent's incarnation dies, and its supervisor restarts it
+    from its journal; an unsupervised one retries, then dead-letters the message."""
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str

@@ -1,8 +1,9 @@
-"""Gateway events to JetStream (`bl.events.gateway.<name>`), published off the reply path.
+"""A service's events to JetStream (`bl.events.<source>.<name>`), published off its hot path.
 
-`emit` is synchronous and never blocks: the breaker's listener runs inside pybreaker's
-synchronous code, and a reply must not wait for an event's ack. A single task publishes
-in order; each envelope id is its Nats-Msg-Id, so a retried publish stays one message.
+`emit` is synchronous and never blocks: the gateway's breaker listener runs inside
+pybreaker's synchronous code, a reply must not wait for an event's ack, and a supervisor's
+restart must not wait for its record. A single task publishes in order; each envelope id is
+its Nats-Msg-Id, so a retried publish stays one message.
 """
 
 from __future__ import annotations
@@ -17,42 +18,53 @@ from nats.js.client import JetStreamContext
 from beamline import bus, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
 
-log = logging.getLogger("services.gateway.events")
+log = logging.getLogger("beamline.events")
 
-SOURCE = "gateway"
 RECIPIENT = "events"
 MAX_QUEUED = 10_000
 PUBLISH_TRIES = 3
 
 
-def event_envelope(name: str, data: dict[str, Any], parent: Envelope | None = None) -> Envelope:
+def event_envelope(
+    source: str,
+    name: str,
+    data: dict[str, Any],
+    parent: Envelope | None = None,
+    *,
+    recipient: str = RECIPIENT,
+    conversation_id: str | None = None,
+) -> Envelope:
     """An event envelope; caused by `parent` (same conversation and trace) when given."""
     payload = EventPayload(name=name, data=data)
     if parent is not None:
-        return parent.child(payload, sender=SOURCE, recipient=RECIPIENT)
+        return parent.child(payload, sender=source, recipient=recipient)
     return Envelope(
         kind=Kind.EVENT,
-        sender=SOURCE,
-        recipient=RECIPIENT,
-        conversation_id=SOURCE,
+        sender=source,
+        recipient=recipient,
+        conversation_id=conversation_id or source,
         payload=payload,
     )
 
 
 class EventSink:
-    def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
+    def __init__(self, js: JetStreamContext, source: str) -> None:
+        self._js, self.source = js, source
         self._queue: asyncio.Queue[Envelope] = asyncio.Queue(MAX_QUEUED)
         self._task: asyncio.Task[None] | None = None
         self.published = 0
         self.dropped = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gateway-events")
+        self._task = asyncio.create_task(self._run(), name=f"{self.source}-events")
 
     def emit(self, name: str, data: dict[str, Any], parent: Envelope | None = None) -> None:
+        self.emit_envelope(event_envelope(self.source, name, data, parent))
+
+    def emit_envelope(self, env: Envelope) -> None:
+        name = getattr(env.payload, "name", "")
         try:
-            self._queue.put_nowait(event_envelope(name, data, parent))
+            self._queue.put_nowait(env)
         except asyncio.QueueFull:
             self.dropped += 1
             log.warning("event dropped: queue full", extra={"event": name})
@@ -80,7 +92,7 @@ class EventSink:
         name = getattr(env.payload, "name", "")
         for attempt in range(1, PUBLISH_TRIES + 1):
             try:
-                await bus.publish(self._js, subjects.event(SOURCE, name), env)
+                await bus.publish(self._js, subjects.event(self.source, name), env)
                 self.published += 1
                 return
             except Exception as exc:  # NATS reconnecting: an event is not worth a crash

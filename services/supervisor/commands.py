@@ -1,0 +1,79 @@
+"""Commands to agent hosts, as requests on `bl.ctl.<host>.<command>` carrying the leader's
+term. A host that does not answer is reported as `HostUnreachable`; its heartbeats (or
+their absence) decide whether it is lost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel
+
+from beamline import subjects
+from beamline.control import (
+    AgentsQuery,
+    AssignShards,
+    ControlReply,
+    StartAgents,
+    StopAgents,
+    StopOutcome,
+)
+
+# "infinity" is a promise to wait; still, a command must end: an hour stands for it
+INFINITY_S = 3600.0
+
+
+class HostUnreachable(Exception):
+    pass
+
+
+class CommandRefused(Exception):
+    pass
+
+
+class HostCommands:
+    def __init__(self, nc: NATS, timeout_s: float) -> None:
+        self.nc, self.timeout_s = nc, timeout_s
+        self.term = 0
+
+    async def start(self, host: str, agents: Sequence[str], generations: Sequence[int]) -> None:
+        await self._request(
+            host,
+            "start",
+            StartAgents(term=self.term, agents=tuple(agents), generations=tuple(generations)),
+        )
+
+    async def stop(
+        self, host: str, agents: Sequence[str], timeout_s: float | None
+    ) -> dict[str, StopOutcome]:
+        wait = (timeout_s or 0.0) + self.timeout_s
+        command = StopAgents(term=self.term, agents=tuple(agents), timeout_s=timeout_s)
+        return (await self._request(host, "stop", command, wait)).stopped
+
+    async def assign(self, host: str, shards: Sequence[int], pinned: Sequence[str]) -> None:
+        await self._request(
+            host, "assign", AssignShards(term=self.term, shards=tuple(shards), pinned=tuple(pinned))
+        )
+
+    async def agents(
+        self, host: str, agents: Sequence[str] = (), steps: int = 0
+    ) -> list[dict[str, Any]]:
+        query = AgentsQuery(term=self.term, agents=tuple(agents), steps=steps)
+        return list((await self._request(host, "agents", query)).agents)
+
+    async def _request(
+        self, host: str, command: str, body: BaseModel, timeout: float | None = None
+    ) -> ControlReply:
+        try:
+            msg = await self.nc.request(
+                subjects.control(host, command),
+                body.model_dump_json().encode(),
+                timeout=timeout or self.timeout_s,
+            )
+        except Exception as exc:  # no responders, timeout, NATS reconnecting
+            raise HostUnreachable(f"host {host} did not answer {command}: {exc!r}") from exc
+        reply = ControlReply.model_validate_json(msg.data)
+        if not reply.ok:
+            raise CommandRefused(f"host {host} refused {command}: {reply.error}")
+        return reply

@@ -1,0 +1,145 @@
+"""The supervisor service: leader election, then the supervision tree at work.
+
+Every instance keeps its view of the hosts warm from their heartbeats; only the leader
+decides, commands hosts and answers operators. A standby that sees the lease lapse takes
+over and continues from the recorded tree state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from beamline import bus, config, streams, subjects
+from beamline.control import ChildExit, HostHeartbeat, parse
+from beamline.errors import CallerError
+from beamline.events import EventSink
+from beamline.service import answer_health, crash_on_error
+from beamline.settings import MeshSettings
+from services.supervisor.admin import Admin
+from services.supervisor.commands import HostCommands
+from services.supervisor.lease import Lease
+from services.supervisor.settings import SupervisorSettings
+from services.supervisor.supervision import SOURCE, ExitSeen, Supervision
+
+log = logging.getLogger("beamline.supervisor")
+
+HOST_CHECK_S = 0.05
+TICK_S = 1.0
+
+
+async def main(stop: asyncio.Event) -> None:
+    mesh, settings = MeshSettings(), SupervisorSettings()
+    deployment = config.load(mesh.config)
+    nc = await bus.connect(mesh.nats_url, f"supervisor:{settings.instance_id}")
+    js = nc.jetstream()
+    await streams.ensure_streams(js, mesh.mailbox_shards)
+    kv = await js.key_value(subjects.BUCKET_SUPERVISOR)
+    events = EventSink(js, SOURCE)
+    events.start()
+    commands = HostCommands(nc, settings.command_timeout_s)
+    sv = Supervision(deployment, mesh.mailbox_shards, settings, commands, events, kv)
+    lease = Lease(kv, settings.instance_id, settings.lease_s)
+    admin = Admin(sv, commands, deployment)
+
+    async def on_heartbeat(msg: Msg) -> None:
+        try:
+            sv.on_heartbeat(parse(HostHeartbeat, msg.data))
+        except CallerError as exc:
+            log.warning("bad heartbeat ignored", extra={"subject": msg.subject, "error": str(exc)})
+
+    async def on_exit(msg: Msg) -> None:
+        if not sv.leading:
+            return  # the host retries until the leader acknowledges
+        try:
+            report: ChildExit = parse(ChildExit, msg.data)
+        except CallerError as exc:
+            await msg.respond(f'{{"ok": false, "error": "{exc}"}}'.encode())
+            return
+        sv.inbox.put_nowait(ExitSeen(report.agent, report.generation, report.exit, report.host))
+        await msg.respond(b'{"ok": true}')
+
+    def status() -> dict[str, Any]:
+        return {
+            "instance": settings.instance_id,
+            "role": "leader" if sv.leading else "standby",
+            "leader": lease.leader,
+            "term": lease.term if sv.leading else None,
+            "hosts": sv.hosts.live(),
+            "supervisors_up": sorted(sv.states),
+            "events_dropped": events.dropped,
+        }
+
+    subs = [
+        await nc.subscribe(subjects.HEARTBEATS_ALL, cb=on_heartbeat),
+        await nc.subscribe(subjects.CHILD_EXIT, cb=on_exit),
+        await nc.subscribe(subjects.ADMIN_ALL, cb=admin.on_request),
+        await answer_health(nc, "supervisor", status),
+    ]
+    watch = asyncio.create_task(_watch_hosts(sv), name="host-watch")
+    watch.add_done_callback(crash_on_error)
+    log.info("supervisor ready", extra={"instance": settings.instance_id, "root": sv.root})
+
+    while await lease.acquire(stop):
+        await _lead(sv, lease, stop)
+        if stop.is_set():
+            await lease.release()
+
+    watch.cancel()
+    for sub in subs:
+        await sub.unsubscribe()
+    await events.close(timeout=5)
+    await nc.drain()
+
+
+async def _lead(sv: Supervision, lease: Lease, stop: asyncio.Event) -> None:
+    """Lead until `stop` or until the lease is lost; then stand by again."""
+    renewing = asyncio.create_task(_renew(lease), name="lease")
+    loops = [
+        asyncio.create_task(sv.run(), name="supervise"),
+        asyncio.create_task(sv.save_loop(), name="record"),
+        asyncio.create_task(_tick(sv), name="tick"),
+    ]
+    for loop in loops:
+        loop.add_done_callback(crash_on_error)
+    starting = asyncio.create_task(sv.lead(lease.term), name="lead")
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([renewing, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if renewing.done():
+        log.error("lease lost: another instance leads now; standing by", extra={"term": lease.term})
+    sv.step_down()
+    for task in [renewing, stopping, starting, *loops]:
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.gather(renewing, stopping, starting, *loops, return_exceptions=True)
+
+
+async def _renew(lease: Lease) -> None:
+    """Returns when the lease is lost: taken by another, or not renewed for a whole lease."""
+    loop = asyncio.get_running_loop()
+    renewed_at = loop.time()
+    while loop.time() - renewed_at < lease.lease_s:
+        await asyncio.sleep(lease.lease_s / 4)
+        try:
+            if not await asyncio.wait_for(lease.renew(), lease.lease_s / 4):
+                return
+            renewed_at = loop.time()
+        except Exception:
+            log.warning("lease not renewed", exc_info=True)
+
+
+async def _watch_hosts(sv: Supervision) -> None:
+    while True:
+        await asyncio.sleep(HOST_CHECK_S)
+        sv.check_hosts()
+
+
+async def _tick(sv: Supervision) -> None:
+    while True:
+        await asyncio.sleep(TICK_S)
+        if not sv.inbox.qsize():
+            await sv.tick()

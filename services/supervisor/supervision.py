@@ -1,0 +1,656 @@
+"""The supervision tree at work: OTP supervisors over the network.
+
+One actor (this class, fed by one queue) owns every supervisor of the tree, as OTP's
+supervisors each own their children: it starts children in order, stops them in reverse
+order (gracefully, killed after their shutdown timeout), and on a child's exit applies the
+pure decision of `strategy.on_child_exit`. A supervisor that gives up stops its children
+and exits `shutdown`; its parent handles that exit like any other: that is escalation.
+
+Children are agents on hosts. Where an agent runs follows `placement`: the host that owns
+its mailbox shard, or, for a pinned agent, the host picked for its labels. A lost host is
+not an agent crash: its agents are re-homed (started where their mailboxes now live) and
+resume from their journals without counting against restart intensity.
+
+Every decision is an event on `bl.events.supervisor.<event>`, recorded like any message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from nats.js.kv import KeyValue
+
+from beamline import subjects
+from beamline.config import Deployment
+from beamline.control import AgentState, HostHeartbeat
+from beamline.events import EventSink, event_envelope
+from beamline.tree import BRUTAL_KILL, INFINITY, ChildSpec, SupervisorSpec
+from services.supervisor import record
+from services.supervisor.commands import INFINITY_S, CommandRefused, HostCommands, HostUnreachable
+from services.supervisor.decision import GaveUp, Ignored, Removed, Restarted
+from services.supervisor.hosts import HostTable
+from services.supervisor.intensity import RestartIntensity
+from services.supervisor.placement import NoEligibleHost, assign_shards, place_pinned
+from services.supervisor.settings import SupervisorSettings
+from services.supervisor.state import ChildState, Exit, ExitReason, SupervisorState
+from services.supervisor.strategy import on_child_exit
+
+log = logging.getLogger("beamline.supervisor")
+
+SOURCE = "supervisor"
+
+
+@dataclass(frozen=True)
+class ExitSeen:
+    agent: str
+    generation: int
+    exit: str
+    host: str
+
+
+@dataclass(frozen=True)
+class HostLost:
+    host: str
+    restarted: bool = False
+
+
+@dataclass(frozen=True)
+class HostJoined:
+    host: str
+
+
+@dataclass(frozen=True)
+class Hung:
+    agent: str
+    generation: int
+    host: str
+    age_s: float
+
+
+@dataclass(frozen=True)
+class Operate:
+    """An operator's kill or restart, carried out in turn with every other decision."""
+
+    command: str
+    target: str
+    requested_by: str
+    done: asyncio.Future[None]
+
+
+Input = ExitSeen | HostLost | HostJoined | Hung | Operate
+
+
+class Supervision:
+    def __init__(
+        self,
+        deployment: Deployment,
+        shards: int,
+        settings: SupervisorSettings,
+        commands: HostCommands,
+        events: EventSink,
+        kv: KeyValue,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.commands, self.events, self.kv = settings, commands, events, kv
+        self.clock = clock
+        self.n_shards = shards
+        self.specs: dict[str, SupervisorSpec] = {s.name: s for s in deployment.supervisors}
+        self.child_specs: dict[str, ChildSpec] = {}
+        self.parent: dict[str, str] = {}
+        for sup in deployment.supervisors:
+            for child in sup.children:
+                self.child_specs[child.id] = child
+                self.parent[child.id] = sup.name
+        roots = [name for name in self.specs if name not in self.parent]
+        self.root: str | None = roots[0] if roots else None
+        self.order = self._agents_in_start_order()
+        self.shard_of = {a.name: subjects.shard_of(a.name, shards) for a in deployment.agents}
+        self.need = deployment.pinned_agents()
+        self.hosts = HostTable(settings.heartbeat_misses)
+        self.states: dict[str, SupervisorState] = {}  # the supervisors that are up
+        self.generations: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}  # per agent, since this leader started
+        self.shards: dict[int, str] = {}
+        self.pinned: dict[str, str] = {}
+        self.pending: set[str] = set()  # to run, but not started on a host yet
+        self.inbox: asyncio.Queue[Input] = asyncio.Queue()
+        self.leading = False
+        self._dirty = asyncio.Event()
+
+    # --- inputs (called from subscriptions; never block) ------------------------------
+
+    def on_heartbeat(self, beat: HostHeartbeat) -> None:
+        change = self.hosts.seen(beat, time.monotonic())
+        if not self.leading:
+            return
+        if change == "restarted":
+            self.inbox.put_nowait(HostLost(beat.host, restarted=True))
+        elif change == "joined":
+            self.inbox.put_nowait(HostJoined(beat.host))
+        for b in beat.busy:
+            if b.generation != self.generations.get(b.agent) or not self._is_running(b.agent):
+                continue
+            if b.state is AgentState.DEAD:  # its exit report was lost: the beat tells
+                self.inbox.put_nowait(
+                    ExitSeen(b.agent, b.generation, b.last_error or "crash", beat.host)
+                )
+            elif b.progress_age_s > self.settings.hung_after_s:
+                self.inbox.put_nowait(Hung(b.agent, b.generation, beat.host, b.progress_age_s))
+
+    def check_hosts(self) -> None:
+        for host in self.hosts.lost(time.monotonic()):
+            if self.leading:
+                self.inbox.put_nowait(HostLost(host))
+
+    # --- leading ------------------------------------------------------------------------
+
+    async def lead(self, term: int) -> None:
+        """Become the leader: continue the recorded tree, or start it afresh."""
+        self.commands.term = term
+        self.leading = True
+        self.events.emit_envelope(
+            self._event(
+                "leader_elected", self.root or "-", instance=self.settings.instance_id, term=term
+            )
+        )
+        if self.root is None:
+            return
+        saved = await record.load(self.kv)
+        if saved is not None and self._restore(saved):
+            log.info(
+                "continuing the recorded tree",
+                extra={"term": term, "supervisors": len(self.states)},
+            )
+            await self._reconcile()
+            return
+        await asyncio.sleep(self.settings.settle_s)  # let the hosts announce themselves
+        await self._place()
+        await self._start_supervisor(self.root, parent=None)
+        self._changed()
+
+    def step_down(self) -> None:
+        self.leading = False
+
+    async def run(self) -> None:
+        """Handle inputs one at a time, in order, like an OTP supervisor's mailbox."""
+        while True:
+            item = await self.inbox.get()
+            try:
+                await self._handle(item)
+            except Exception:
+                log.exception("supervision step failed", extra={"input": repr(item)})
+                if isinstance(item, Operate) and not item.done.done():
+                    item.done.set_exception(RuntimeError("the supervisor failed to carry it out"))
+            else:
+                if isinstance(item, Operate) and not item.done.done():
+                    item.done.set_result(None)
+            self._changed()
+
+    async def save_loop(self) -> None:
+        """Record the tree after changes, coalescing bursts into one write."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await record.save(self.kv, self.snapshot())
+            except Exception:
+                log.warning("tree state not recorded; will retry", exc_info=True)
+                self._dirty.set()
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(0.02)
+
+    async def tick(self) -> None:
+        """Periodic: retry starts that found no host or no answer."""
+        if self.pending:
+            await self._start_pending()
+
+    async def _handle(self, item: Input) -> None:
+        match item:
+            case ExitSeen(agent=agent, generation=gen, exit=text, host=host):
+                if gen == self.generations.get(agent) and agent in self.parent:
+                    await self._child_exited(self.parent[agent], agent, Exit.parse(text), host)
+            case Hung(agent=agent, generation=gen, host=host, age_s=age):
+                if gen == self.generations.get(agent) and self._is_running(agent):
+                    await self._kill(agent)
+                    why = Exit(ExitReason.CRASH, f"hung: no progress for {age:.1f} s")
+                    await self._child_exited(self.parent[agent], agent, why, host)
+            case HostLost(host=host, restarted=restarted):
+                await self._host_lost(host, restarted)
+            case HostJoined(host=host):
+                await self._place(always={host})
+                await self._start_pending()
+            case Operate():
+                await self._operate(item)
+
+    # --- OTP: exits, restarts, escalation ------------------------------------------------
+
+    async def _child_exited(self, sup: str, child: str, exit: Exit, host: str = "") -> None:
+        state = self.states.get(sup)
+        if state is None:
+            return  # that supervisor is down: nothing runs under it
+        decision, after = on_child_exit(state, child, exit, self.clock())
+        if isinstance(decision, Ignored):
+            return
+        self.states[sup] = after
+        self._emit("child_exited", sup, child, exit=str(exit), host=host)
+        match decision:
+            case Removed(reason=reason):
+                self.pending.discard(child)
+                self._emit("child_removed", sup, child, exit=str(exit), reason=reason)
+            case Restarted(terminate=terminate, start=start, reason=reason):
+                await self._stop(terminate)
+                await self._start(start)
+                self.restarts[child] = self.restarts.get(child, 0) + 1
+                self._emit(
+                    "child_restarted",
+                    sup,
+                    child,
+                    exit=str(exit),
+                    reason=reason,
+                    restarts=after.window.recent(self.clock()),
+                    intensity=after.window.intensity,
+                    period=after.window.period,
+                    terminate=list(terminate),
+                    start=list(start),
+                )
+            case GaveUp(terminate=terminate, exit_with=exit_with):
+                await self._stop(terminate)
+                del self.states[sup]
+                self._emit(
+                    "supervisor_gave_up",
+                    sup,
+                    child,
+                    exit=str(exit),
+                    restarts=len(after.window.restarts),
+                    intensity=after.window.intensity,
+                    period=after.window.period,
+                )
+                parent = self.parent.get(sup)
+                if parent is None:
+                    log.error(
+                        "the root supervisor gave up: the tree is down", extra={"supervisor": sup}
+                    )
+                    return
+                self._emit("escalated", sup, sup, parent=parent)
+                await self._child_exited(parent, sup, exit_with)
+
+    async def _start(self, ids: Sequence[str]) -> None:
+        """Start children in start order; consecutive agents on one host in one command."""
+        batch: list[str] = []
+        for cid in ids:
+            if cid in self.specs:
+                await self._start_agents(batch)
+                batch = []
+                await self._start_supervisor(cid, self.parent.get(cid))
+            else:
+                if batch and self._host_of(batch[-1]) != self._host_of(cid):
+                    await self._start_agents(batch)
+                    batch = []
+                batch.append(cid)
+        await self._start_agents(batch)
+
+    async def _start_supervisor(self, name: str, parent: str | None) -> None:
+        """A (re)started supervisor: a fresh restart window, its children started in order."""
+        spec = self.specs[name]
+        self.states[name] = SupervisorState.from_spec(spec, running=True)
+        if parent is not None:
+            self._emit("child_started", parent, name)
+        await self._start([c.id for c in spec.children])
+
+    async def _start_agents(self, agents: Sequence[str], rehome_from: str | None = None) -> None:
+        if not agents:
+            return
+        for agent in agents:
+            self.generations[agent] = self.generations.get(agent, 0) + 1
+        await self._launch(agents, rehome_from)
+
+    async def _launch(self, agents: Sequence[str], rehome_from: str | None = None) -> None:
+        """Start each agent's current generation on its host; what cannot start waits."""
+        by_host: dict[str, list[str]] = {}
+        for agent in agents:
+            host = self._host_of(agent)
+            if host is None or host not in self.hosts.hosts:
+                self.pending.add(agent)
+                continue
+            by_host.setdefault(host, []).append(agent)
+        for host, group in by_host.items():
+            try:
+                await self.commands.start(host, group, [self.generations[a] for a in group])
+            except (HostUnreachable, CommandRefused) as exc:
+                log.warning(
+                    "start not confirmed; will retry", extra={"host": host, "error": str(exc)}
+                )
+                self.pending.update(group)
+                continue
+            self.pending.difference_update(group)
+            for agent in group:
+                if rehome_from is not None:
+                    self._emit(
+                        "agent_rehomed",
+                        self.parent[agent],
+                        agent,
+                        agent=agent,
+                        from_host=rehome_from,
+                        to_host=host,
+                    )
+                else:
+                    self._emit(
+                        "child_started",
+                        self.parent[agent],
+                        agent,
+                        host=host,
+                        generation=self.generations[agent],
+                    )
+
+    async def _start_pending(self) -> None:
+        waiting = [a for a in self.order if a in self.pending and self._is_running(a)]
+        self.pending.intersection_update(waiting)
+        await self._launch(waiting)
+
+    async def _stop(self, ids: Sequence[str]) -> None:
+        """Stop children in the given order (the decisions give reverse start order)."""
+        for cid in ids:
+            if cid in self.specs:
+                await self._stop_supervisor(cid)
+                continue
+            self.pending.discard(cid)
+            host = self._host_of(cid)
+            outcome = "not_placed"
+            if host is not None and host in self.hosts.hosts:
+                try:
+                    outcomes = await self.commands.stop(
+                        host, [cid], _timeout(self.child_specs[cid])
+                    )
+                    outcome = outcomes.get(cid, "not_running")
+                except (HostUnreachable, CommandRefused) as exc:
+                    outcome = f"unreachable: {exc}"
+            self._emit(
+                "child_stopped", self.parent[cid], cid, host=host or "", outcome=str(outcome)
+            )
+
+    async def _stop_supervisor(self, name: str) -> None:
+        state = self.states.pop(name, None)
+        if state is None:
+            return
+        await self._stop([c.id for c in reversed(state.children) if c.running])
+        self._emit("child_stopped", self.parent.get(name, name), name)
+
+    async def _kill(self, agent: str) -> None:
+        host = self._host_of(agent)
+        if host is None or host not in self.hosts.hosts:
+            return
+        try:
+            await self.commands.stop(host, [agent], None)
+        except (HostUnreachable, CommandRefused):
+            log.warning("kill not confirmed", extra={"agent": agent, "host": host})
+
+    # --- hosts ----------------------------------------------------------------------------
+
+    async def _host_lost(self, host: str, restarted: bool) -> None:
+        """Re-home what the host ran: its shards and pinned agents go to live hosts (or,
+        when it restarted, back to its new incarnation), and its running agents start there."""
+        shards = sorted(k for k, h in self.shards.items() if h == host)
+        pinned = sorted(a for a, h in self.pinned.items() if h == host)
+        if not restarted:
+            for k in shards:
+                del self.shards[k]
+            for a in pinned:
+                del self.pinned[a]
+        moved = [a for a in self.order if a in pinned or self.shard_of[a] in shards]
+        self.events.emit_envelope(
+            self._event(
+                "host_lost",
+                host,
+                host=host,
+                restarted=restarted,
+                shards=shards,
+                agents=moved[:1000],
+                n_agents=len(moved),
+            )
+        )
+        log.warning(
+            "host lost; re-homing its agents",
+            extra={"host": host, "agents": len(moved), "restarted": restarted},
+        )
+        await self._place(always={host} if restarted else set())
+        await self._start_agents([a for a in moved if self._is_running(a)], rehome_from=host)
+
+    async def _place(self, always: set[str] | frozenset[str] = frozenset()) -> None:
+        """Bring shard and pinned placement onto the live hosts; tell each host whose share
+        changed (and every host in `always`) exactly what it owns now."""
+        live = self.hosts.live()
+        before = (dict(self.shards), dict(self.pinned))
+        self.shards = assign_shards(self.n_shards, self.shards, live)
+        labels = self.hosts.labels()
+        for agent, need in self.need.items():
+            load = {h: sum(1 for p in self.pinned.values() if p == h) for h in live}
+            try:
+                self.pinned[agent] = place_pinned(agent, need, self.pinned.get(agent), labels, load)
+            except NoEligibleHost as exc:
+                self.pinned.pop(agent, None)
+                log.warning("agent waits for a host", extra={"agent": agent, "error": str(exc)})
+        changed = set(always) | _moved(before[0], self.shards) | _moved(before[1], self.pinned)
+        targets = sorted(h for h in changed if h in live)
+        await asyncio.gather(*(self._assign(h) for h in targets))
+
+    async def _assign(self, host: str) -> None:
+        shards = [k for k, h in self.shards.items() if h == host]
+        pinned = [a for a, h in self.pinned.items() if h == host]
+        try:
+            await self.commands.assign(host, shards, pinned)
+        except (HostUnreachable, CommandRefused) as exc:
+            log.warning("assignment not confirmed", extra={"host": host, "error": str(exc)})
+
+    async def _reconcile(self) -> None:
+        """After taking over: re-home what lived on hosts that are gone; start what waits."""
+        live = set(self.hosts.live())
+        for host in sorted(set(self.shards.values()) | set(self.pinned.values())):
+            if host not in live:
+                await self._host_lost(host, restarted=False)
+        await self._start_pending()
+
+    # --- operators --------------------------------------------------------------------------
+
+    async def _operate(self, op: Operate) -> None:
+        self._emit(
+            "operator_command",
+            self.parent.get(op.target, op.target),
+            op.target,
+            command=op.command,
+            requested_by=op.requested_by,
+        )
+        if op.command == "kill":
+            await self._kill(op.target)
+            await self._child_exited(
+                self.parent[op.target], op.target, Exit(ExitReason.CRASH, "killed")
+            )
+            return
+        # restart: stop (gracefully) if running, start a fresh incarnation; OTP's
+        # terminate_child + restart_child, which does not count against intensity
+        parent = self.parent.get(op.target)
+        if parent is not None and parent in self.states:
+            self.states[parent] = _mark_running(self.states[parent], op.target)
+        if op.target in self.specs:
+            await self._stop_supervisor(op.target)
+            await self._start_supervisor(op.target, parent)
+        else:
+            await self._stop([op.target])
+            await self._start([op.target])
+
+    # --- views -------------------------------------------------------------------------------
+
+    def supervisor_of(self, agent: str) -> str | None:
+        return self.parent.get(agent)
+
+    def host_of(self, agent: str) -> str | None:
+        return self._host_of(agent)
+
+    def child_view(self, cid: str) -> dict[str, Any]:
+        sup = self.parent.get(cid)
+        state = self.states.get(sup) if sup else None
+        child = state.child(cid) if state else None
+        if cid in self.specs:
+            status = "running" if cid in self.states else "dead"
+        elif state is None:
+            status = "dead"
+        elif child is None:
+            status = "removed"
+        elif not child.running:
+            status = "stopped"
+        elif cid in self.pending:
+            status = "restarting"
+        else:
+            status = "running"
+        return {
+            "supervisor": sup,
+            "supervised": status,
+            "generation": self.generations.get(cid, 0),
+            "restarts": self.restarts.get(cid, 0),
+            "host": self._host_of(cid),
+        }
+
+    def tree(self) -> dict[str, Any]:
+        def node(name: str) -> dict[str, Any]:
+            spec = self.specs[name]
+            state = self.states.get(name)
+            now = self.clock()
+            children = []
+            for child in spec.children:
+                if child.supervisor is not None:
+                    children.append(node(child.supervisor))
+                else:
+                    children.append(
+                        {
+                            "agent": child.id,
+                            "restart": child.restart.value,
+                            **self.child_view(child.id),
+                        }
+                    )
+            return {
+                "supervisor": name,
+                "strategy": spec.strategy.value,
+                "intensity": spec.intensity,
+                "period": spec.period,
+                "up": state is not None,
+                "recent_restarts": state.window.recent(now) if state else 0,
+                "children": children,
+            }
+
+        return node(self.root) if self.root else {}
+
+    def snapshot(self) -> record.TreeRecord:
+        return record.TreeRecord(
+            term=self.commands.term,
+            supervisors={
+                name: record.SupervisorRecord(
+                    running={c.id: c.running for c in st.children}, restarts=st.window.restarts
+                )
+                for name, st in self.states.items()
+            },
+            generations=dict(self.generations),
+            shards=dict(self.shards),
+            pinned=dict(self.pinned),
+        )
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _restore(self, saved: record.TreeRecord) -> bool:
+        """Adopt a recorded tree if it is this deployment's; False if it is not."""
+        for name, sup in saved.supervisors.items():
+            spec = self.specs.get(name)
+            if spec is None or set(sup.running) - {c.id for c in spec.children}:
+                log.warning(
+                    "recorded tree is another deployment's; starting afresh",
+                    extra={"supervisor": name},
+                )
+                return False
+        for name, sup in saved.supervisors.items():
+            spec = self.specs[name]
+            children = tuple(
+                ChildState.from_spec(c, sup.running[c.id])
+                for c in spec.children
+                if c.id in sup.running
+            )
+            window = RestartIntensity(spec.intensity, spec.period, sup.restarts)
+            self.states[name] = SupervisorState(name, spec.strategy, children, window)
+        self.generations = dict(saved.generations)
+        self.shards = {int(k): h for k, h in saved.shards.items()}
+        self.pinned = dict(saved.pinned)
+        return True
+
+    def _agents_in_start_order(self) -> list[str]:
+        out: list[str] = []
+
+        def walk(name: str) -> None:
+            for child in self.specs[name].children:
+                if child.supervisor is not None:
+                    walk(child.supervisor)
+                else:
+                    out.append(child.id)
+
+        if self.root is not None:
+            walk(self.root)
+        return out
+
+    def _host_of(self, agent: str) -> str | None:
+        if agent in self.need:
+            return self.pinned.get(agent)
+        return self.shards.get(self.shard_of[agent])
+
+    def _is_running(self, cid: str) -> bool:
+        sup = self.parent.get(cid)
+        state = self.states.get(sup) if sup else None
+        child = state.child(cid) if state else None
+        return child is not None and child.running
+
+    def _changed(self) -> None:
+        self._dirty.set()
+
+    def _event(self, name: str, recipient: str, **data: Any) -> Any:
+        return event_envelope(
+            SOURCE, name, data, recipient=recipient, conversation_id=self.root or SOURCE
+        )
+
+    def _emit(self, name: str, sup: str, child: str, **data: Any) -> None:
+        env = event_envelope(
+            SOURCE,
+            name,
+            {"supervisor": sup, "child": child, **data},
+            recipient=child,
+            conversation_id=sup,
+        )
+        self.events.emit_envelope(env)
+        log.info(name.replace("_", " "), extra={"supervisor": sup, "child": child, **data})
+
+
+def _timeout(spec: ChildSpec) -> float | None:
+    shutdown = spec.shutdown_or_default
+    if shutdown == BRUTAL_KILL:
+        return None
+    if shutdown == INFINITY:
+        return INFINITY_S
+    return float(shutdown)
+
+
+def _moved(old: Mapping[Any, str], new: Mapping[Any, str]) -> set[str]:
+    """The hosts that gained or lost something between two placements."""
+    hosts: set[str] = set()
+    for key in old.keys() | new.keys():
+        before, after = old.get(key), new.get(key)
+        if before != after:
+            hosts.update(h for h in (before, after) if h)
+    return hosts
+
+
+def _mark_running(state: SupervisorState, child_id: str) -> SupervisorState:
+    known = state.child(child_id)
+    if known is None:
+        return state
+    return state.with_children(
+        tuple(replace(c, running=True) if c.id == child_id else c for c in state.children)
+    )

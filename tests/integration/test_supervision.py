@@ -1,0 +1,239 @@
+"""Supervision scenarios on a real mesh: nats-server, fakellm over HTTP, gateway, recorder,
+supervisor(s) and agent host(s) as processes. Modelled on OTP's supervisor suite: a crash
+restarts the child; intensity exceeded escalates to the parent; a lost host's agents are
+re-homed; a hung agent is killed and restarted; a standby supervisor takes over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from beamline import subjects
+from beamline.client import await_reply, reply_text, submit
+from beamline.testing import wait_for
+from tests.integration.conftest import MeshFactory, MeshHandle
+
+HERE = Path(__file__).parent
+TREE = HERE / "supervised.yaml"
+SCRIPT = HERE / "supervised-script.yaml"
+FAST = {
+    "BEAMLINE_AGENT_HOST_ID": "host-a",
+    "BEAMLINE_AGENT_LABELS": "tier=hot",
+    "BEAMLINE_AGENT_HEARTBEAT_S": "0.1",
+    "BEAMLINE_SUPERVISOR_INSTANCE_ID": "sup-1",
+    "BEAMLINE_SUPERVISOR_SETTLE_S": "0.3",
+    "BEAMLINE_SUPERVISOR_HUNG_AFTER_S": "4",
+}
+
+
+async def supervised_mesh(start_mesh: MeshFactory, **env: str) -> MeshHandle:
+    mesh: MeshHandle = await start_mesh(config=TREE, script=SCRIPT, env={**FAST, **env})
+    await wait_for(lambda: started(mesh, "doomed"), timeout=20, what="the tree to start")
+    return mesh
+
+
+async def events(mesh: MeshHandle) -> list[dict[str, Any]]:
+    """Every supervisor event so far, oldest first, as {event, **data}."""
+    sub = await mesh.js.subscribe(
+        "bl.events.supervisor.>",
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.3)
+            payload = json.loads(msg.data)["payload"]
+            out.append({"event": payload["name"], **payload["data"]})
+    except nats.errors.TimeoutError:
+        return out
+    finally:
+        await sub.unsubscribe()
+
+
+async def started(mesh: MeshHandle, agent: str) -> bool:
+    return any(
+        e["event"] in ("child_started", "agent_rehomed") and e.get("child") == agent
+        for e in await events(mesh)
+    )
+
+
+async def admin(mesh: MeshHandle, command: str, target: str | None = None) -> dict[str, Any]:
+    body = json.dumps({"target": target, "requested_by": "test"}).encode()
+    reply = await mesh.nc.request(subjects.admin(command), body, timeout=20)
+    answer: dict[str, Any] = json.loads(reply.data)
+    return answer
+
+
+def named(evs: list[dict[str, Any]], event: str, child: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in evs if e["event"] == event and (child is None or e.get("child") == child)]
+
+
+async def test_a_crashed_agent_is_restarted_and_finishes_its_task(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    conversation = await submit(mesh.nc, subjects.inbox("crasher"), "k1")
+    reply = await await_reply(mesh.nc, conversation, timeout=30)
+    assert reply_text(reply) == "crasher: survived k1"
+
+    evs = await events(mesh)
+    [exited] = named(evs, "child_exited", "crasher")
+    assert exited["supervisor"] == "root" and "crash_once('k1')" in exited["exit"]
+    [restarted] = named(evs, "child_restarted", "crasher")
+    assert restarted["reason"] == "permanent" and restarted["start"] == ["crasher"]
+    assert restarted["terminate"] == []  # one_for_one: nobody else is touched
+    # the LLM answer journaled before the crash is not asked for again
+    rules = [c["rule"] for c in await mesh.fakellm_calls()]
+    assert rules.count("crasher-calls") == 1 and rules.count("crasher-answers") == 1
+    row = next(r for r in (await admin(mesh, "ps"))["result"] if r["agent"] == "crasher")
+    assert row["restarts"] == 1 and row["generation"] == 2 and row["host"] == "host-a"
+
+
+async def test_restart_intensity_escalates_to_the_parent_and_never_loops(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    conversation = await submit(mesh.nc, subjects.inbox("doomed"), "boom")
+    reply = await await_reply(mesh.nc, conversation, timeout=60)
+    # crash 1: inner restarts doomed; crash 2 within inner's period (intensity 1): inner
+    # gives up and escalates; root restarts inner; the third crash of one message makes
+    # it poison: dead-lettered and answered, so the loop ends
+    assert "poison" in reply_text(reply)
+
+    evs = await events(mesh)
+    gave_up = named(evs, "supervisor_gave_up", "doomed")
+    assert gave_up and gave_up[0]["supervisor"] == "inner" and gave_up[0]["intensity"] == 1
+    assert named(evs, "escalated", "inner")[0]["parent"] == "root"
+    root_restarts = [e for e in named(evs, "child_restarted", "inner") if e["supervisor"] == "root"]
+    assert root_restarts and root_restarts[0]["exit"] == "shutdown"  # OTP: gave up -> shutdown
+    order = [e["event"] for e in evs if e.get("child") in ("doomed", "inner")]
+    assert order.index("supervisor_gave_up") < order.index("escalated")
+    steady = next(r for r in (await admin(mesh, "ps"))["result"] if r["agent"] == "steady")
+    assert steady["generation"] == 1  # one_for_one at the root: siblings untouched
+
+
+async def test_host_killed_its_agents_are_rehomed_and_resume(start_mesh: MeshFactory) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    mesh.mesh.spawn(
+        "agent-b",
+        "services.agent",
+        {"BEAMLINE_AGENT_HOST_ID": "host-b", "BEAMLINE_AGENT_LABELS": "tier=hot"},
+    )
+
+    await wait_for(lambda: _host_seen(mesh, "host-b"), timeout=20, what="host-b to join")
+    conversation = await submit(mesh.nc, subjects.inbox("sleeper"), "nap")
+
+    async def in_tool() -> bool:
+        return "sleeper-calls" in [c["rule"] for c in await mesh.fakellm_calls()]
+
+    await wait_for(in_tool, timeout=20, what="sleeper to be inside its slow tool")
+    mesh.mesh.process("agent").kill()  # kill -9 host-a, mid-task
+    reply = await await_reply(mesh.nc, conversation, timeout=30)
+    assert reply_text(reply) == "sleeper: slept 2.0"
+
+    evs = await events(mesh)
+    [lost] = named(evs, "host_lost")
+    assert lost["host"] == "host-a" and "sleeper" in lost["agents"]
+    moved = {e["child"]: e for e in named(evs, "agent_rehomed")}
+    assert moved["sleeper"]["to_host"] == "host-b" and moved["hot"]["to_host"] == "host-b"
+    # resumed from the journal: the LLM call made on host-a is not made again
+    rules = [c["rule"] for c in await mesh.fakellm_calls()]
+    assert rules.count("sleeper-calls") == 1 and rules.count("sleeper-answers") == 1
+    assert not named(evs, "child_restarted")  # a lost host is not a crash
+    rows = {r["agent"]: r for r in (await admin(mesh, "ps"))["result"]}
+    assert {rows[a]["host"] for a in ("steady", "hot", "loose", "sleeper")} == {"host-b"}
+
+
+async def _host_seen(mesh: MeshHandle, host: str) -> bool:
+    health = json.loads((await mesh.nc.request(subjects.health("supervisor"), b"", timeout=2)).data)
+    return host in health["hosts"]
+
+
+async def test_a_hung_agent_is_killed_and_restarted(start_mesh: MeshFactory) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    conversation = await submit(mesh.nc, subjects.inbox("hanger"), "zzz")
+    reply = await await_reply(mesh.nc, conversation, timeout=40)
+    assert reply_text(reply) == "hanger: awake zzz"
+    evs = await events(mesh)
+    [exited] = named(evs, "child_exited", "hanger")
+    assert exited["exit"].startswith("hung: no progress for")
+    assert named(evs, "child_restarted", "hanger")
+
+
+async def test_standby_takes_over_without_restarting_healthy_agents(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    standby = mesh.mesh.spawn(
+        "supervisor-2", "services.supervisor", {"BEAMLINE_SUPERVISOR_INSTANCE_ID": "sup-2"}
+    )
+    before = {r["agent"]: r["generation"] for r in (await admin(mesh, "ps"))["result"]}
+    mesh.mesh.process("supervisor").kill()  # kill -9 the leader
+
+    async def sup2_leads() -> bool:
+        try:
+            health = await mesh.nc.request(subjects.health("supervisor"), b"", timeout=0.5)
+        except Exception:
+            return False
+        body = json.loads(health.data)
+        return bool(body["role"] == "leader" and body["instance"] == "sup-2")
+
+    await wait_for(sup2_leads, timeout=10, what="the standby to lead")
+    assert standby.alive()
+    after = {r["agent"]: r["generation"] for r in (await admin(mesh, "ps"))["result"]}
+    assert after == before  # nothing healthy was restarted
+    assert [e["instance"] for e in named(await events(mesh), "leader_elected")] == [
+        "sup-1",
+        "sup-2",
+    ]
+
+    # and the new leader supervises: a crash is restarted by sup-2
+    conversation = await submit(mesh.nc, subjects.inbox("crasher"), "after-takeover")
+    reply = await await_reply(mesh.nc, conversation, timeout=30)
+    assert reply_text(reply) == "crasher: survived after-takeover"
+
+
+async def test_operator_commands_and_their_errors(start_mesh: MeshFactory) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    tree = (await admin(mesh, "tree"))["result"]
+    assert tree["supervisor"] == "root" and tree["children"][0]["supervisor"] == "inner"
+    assert tree["children"][1] | {"agent": "steady", "supervised": "running"} == tree["children"][1]
+
+    killed = await admin(mesh, "kill", "steady")
+    assert killed["ok"] and killed["result"]["generation"] == 2
+    evs = await events(mesh)
+    assert named(evs, "operator_command", "steady")[0]["requested_by"] == "test"
+    assert named(evs, "child_exited", "steady")[0]["exit"] == "killed"
+
+    restarted = await admin(mesh, "restart", "inner")
+    assert restarted["ok"]
+    inspected = (await admin(mesh, "inspect", "steady"))["result"]
+    assert inspected["state"] == "idle" and inspected["host"] == "host-a"
+
+    unknown = await admin(mesh, "kill", "nobody")
+    assert not unknown["ok"] and unknown["reason"] == "unknown_recipient"
+    assert "no agent or supervisor named 'nobody'" in unknown["error"]
+    loose = await admin(mesh, "kill", "loose")
+    assert not loose["ok"] and "not a supervised agent" in loose["error"]
+    bad = await admin(mesh, "explode", "steady")
+    assert not bad["ok"] and "unknown command" in bad["error"]
+
+
+async def test_shutdown_timeout_then_brutal_kill(start_mesh: MeshFactory) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    conversation = await submit(mesh.nc, subjects.inbox("sleeper"), "interrupted")
+
+    async def in_tool() -> bool:
+        return "sleeper-calls" in [c["rule"] for c in await mesh.fakellm_calls()]
+
+    await wait_for(in_tool, timeout=20, what="sleeper to be inside its slow tool")
+    await admin(mesh, "restart", "sleeper")  # shutdown 0.5 s < the 2 s tool: killed
+    [stopped] = named(await events(mesh), "child_stopped", "sleeper")
+    assert stopped["outcome"] == "killed"
+    reply = await await_reply(mesh.nc, conversation, timeout=30)  # nothing lost
+    assert reply_text(reply) == "sleeper: slept 2.0"
