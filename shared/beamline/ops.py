@@ -1,0 +1,101 @@
+"""Operator commands against the supervisor (`beamline ps | tree | inspect | kill |
+restart`): one request on `bl.admin.<command>`, answered by the leading supervisor, and
+plain-text renderings of the answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from beamline import subjects
+from beamline.control import AdminReply, AdminRequest
+from beamline.errors import CallerError, Reason, TransientError
+
+
+async def admin(nc: NATS, command: str, target: str | None = None, timeout: float = 30) -> Any:
+    """The supervisor's answer, or a clear error: a refused command raises CallerError with
+    the supervisor's reason; no supervisor answering raises TransientError."""
+    body = AdminRequest(target=target, requested_by="cli").model_dump_json().encode()
+    try:
+        msg = await nc.request(subjects.admin(command), body, timeout=timeout)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+        raise TransientError(
+            f"no supervisor answered {subjects.admin(command)}: is one running (`beamline up` "
+            "with a deployment that declares supervisors)?",
+            Reason.NATS_UNAVAILABLE,
+        ) from exc
+    reply = AdminReply.model_validate_json(msg.data)
+    if not reply.ok:
+        known = {r.value for r in Reason}
+        raise CallerError(
+            reply.error or "refused", Reason(reply.reason) if reply.reason in known else None
+        )
+    return reply.result
+
+
+PS_COLUMNS = (
+    ("AGENT", "agent"),
+    ("SUPERVISOR", "supervisor"),
+    ("HOST", "host"),
+    ("STATE", "state"),
+    ("GEN", "generation"),
+    ("RESTARTS", "restarts"),
+    ("DEPTH", "mailbox_depth"),
+    ("STEP", "step"),
+    ("TOKENS", "tokens"),
+    ("HEARTBEAT", "heartbeat_age_s"),
+)
+
+
+def render_ps(rows: list[dict[str, Any]]) -> str:
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        return f"{value:.1f}s" if key == "heartbeat_age_s" else str(value)
+
+    table = [[h for h, _ in PS_COLUMNS]] + [[cell(r, k) for _, k in PS_COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(PS_COLUMNS))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table
+    )
+
+
+def render_tree(node: dict[str, Any], prefix: str = "", last: bool = True, top: bool = True) -> str:
+    """The supervision tree with live states, one line per supervisor or agent."""
+    branch = "" if top else ("└─ " if last else "├─ ")
+    if "supervisor" in node and "strategy" in node:
+        state = "up" if node["up"] else "DOWN"
+        line = (
+            f"{prefix}{branch}{node['supervisor']} ({node['strategy']}, "
+            f"{node['recent_restarts']}/{node['intensity']} restarts in {node['period']:g}s) {state}"
+        )
+        children = node["children"]
+        inner = prefix + ("" if top else ("   " if last else "│  "))
+        lines = [line] + [
+            render_tree(child, inner, i == len(children) - 1, top=False)
+            for i, child in enumerate(children)
+        ]
+        return "\n".join(lines)
+    return (
+        f"{prefix}{branch}{node['agent']} [{node['supervised']}] on {node.get('host') or '-'}, "
+        f"generation {node['generation']}, {node['restarts']} restarts ({node['restart']})"
+    )
+
+
+def render_inspect(row: dict[str, Any]) -> str:
+    head = {k: v for k, v in row.items() if k not in ("current", "steps", "queued")}
+    lines = [json.dumps(head, indent=2, default=str)]
+    if row.get("current"):
+        current = row["current"]
+        lines.append(
+            f"current message: {current['id']} ({current['kind']}) in {current['conversation_id']}"
+        )
+    if row.get("queued"):
+        lines.append(f"queued: {len(row['queued'])} ({', '.join(row['queued'][:5])}…)")
+    for step in row.get("steps") or []:
+        lines.append(f"  {step['ts']}  {step['kind']:<13} {step['text']}")
+    return "\n".join(lines)

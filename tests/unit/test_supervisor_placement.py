@@ -1,0 +1,65 @@
+"""Placement and host liveness: pure functions, no NATS."""
+
+from __future__ import annotations
+
+import pytest
+
+from beamline.control import AgentBeat, AgentState, HostHeartbeat
+from services.supervisor.hosts import HostTable
+from services.supervisor.placement import NoEligibleHost, assign_shards, place_pinned
+
+
+def test_shards_spread_evenly_over_live_hosts() -> None:
+    owners = assign_shards(8, {}, ["a", "b"])
+    assert sorted(owners) == list(range(8))
+    assert sorted(owners.values()).count("a") == 4
+
+
+def test_shards_are_sticky_and_only_a_lost_hosts_shards_move() -> None:
+    before = assign_shards(6, {}, ["a", "b", "c"])
+    after = assign_shards(6, before, ["a", "c"])
+    assert {k: h for k, h in after.items() if before[k] != "b"} == {
+        k: h for k, h in before.items() if h != "b"
+    }
+    assert "b" not in after.values()
+    assert assign_shards(6, after, ["a", "c", "d"]) == after  # a new host takes nothing
+
+
+def test_no_live_host_no_assignment() -> None:
+    assert assign_shards(4, {0: "a"}, []) == {}
+
+
+def test_pinned_agent_needs_matching_labels_and_stays_put() -> None:
+    hosts = {"hot-1": {"tier": "hot"}, "hot-2": {"tier": "hot"}, "cold": {"tier": "cold"}}
+    assert place_pinned("r", {"tier": "hot"}, None, hosts, {"hot-1": 3, "hot-2": 1}) == "hot-2"
+    assert place_pinned("r", {"tier": "hot"}, "hot-1", hosts, {"hot-1": 9}) == "hot-1"
+    assert place_pinned("r", {"tier": "hot"}, "gone", hosts, {"hot-1": 0, "hot-2": 2}) == "hot-1"
+    with pytest.raises(NoEligibleHost, match="needs a host labelled {'gpu': 'yes'}"):
+        place_pinned("r", {"gpu": "yes"}, None, hosts, {})
+
+
+def beat(host: str, incarnation: str = "i1", interval: float = 0.25) -> HostHeartbeat:
+    return HostHeartbeat(host=host, incarnation=incarnation, interval_s=interval)
+
+
+def test_a_host_is_lost_after_its_missed_heartbeats() -> None:
+    table = HostTable(misses=4)
+    assert table.seen(beat("a"), now=0.0) == "joined"
+    assert table.seen(beat("a"), now=0.2) is None
+    assert table.lost(now=1.1) == []  # 0.9 s of silence < 4 x 0.25 s
+    assert table.lost(now=1.3) == ["a"]
+    assert table.live() == []
+    assert table.seen(beat("a"), now=2.0) == "joined"  # back after being declared lost
+
+
+def test_a_restarted_host_is_a_new_incarnation() -> None:
+    table = HostTable()
+    table.seen(beat("a", "i1"), now=0)
+    assert table.seen(beat("a", "i2"), now=0.1) == "restarted"
+
+
+def test_busy_agents_are_known_from_heartbeats() -> None:
+    table = HostTable()
+    busy = AgentBeat(agent="x", state=AgentState.WAITING_ON_LLM, progress_age_s=3)
+    table.seen(HostHeartbeat(host="a", incarnation="i", busy=(busy,)), now=0)
+    assert table.beats()["x"].progress_age_s == 3
