@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from beamline.control import AgentBeat, AgentState, HostHeartbeat
@@ -34,7 +36,7 @@ def test_pinned_agent_needs_matching_labels_and_stays_put() -> None:
     assert place_pinned("r", {"tier": "hot"}, None, hosts, {"hot-1": 3, "hot-2": 1}) == "hot-2"
     assert place_pinned("r", {"tier": "hot"}, "hot-1", hosts, {"hot-1": 9}) == "hot-1"
     assert place_pinned("r", {"tier": "hot"}, "gone", hosts, {"hot-1": 0, "hot-2": 2}) == "hot-1"
-    with pytest.raises(NoEligibleHost, match="needs a host labelled {'gpu': 'yes'}"):
+    with pytest.raises(NoEligibleHost, match=re.escape("needs a host labelled {'gpu': 'yes'}")):
         place_pinned("r", {"gpu": "yes"}, None, hosts, {})
 
 
