@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,12 @@ class MeshSettings(BaseSettings):
         default="nats://127.0.0.1:4222",
         description="NATS server(s), comma separated. `beamline up` starts one when unset.",
     )
+    nats_user: str | None = Field(
+        default=None,
+        description="NATS user (one per role: agent, gateway, recorder, supervisor, admin, "
+        "client, init). `beamline up` gives each service its own.",
+    )
+    nats_password: SecretStr | None = Field(default=None, description="That user's password.")
     data_dir: Path = Field(default=Path(".beamline"), description="Embedded runtime state.")
     clickhouse_url: str = Field(
         default="",
@@ -38,3 +44,29 @@ class MeshSettings(BaseSettings):
     @property
     def resolved_clickhouse_url(self) -> str:
         return self.clickhouse_url or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+
+class RetentionSettings(BaseSettings):
+    """How long ClickHouse keeps what the recorder writes, from `BEAMLINE_RETENTION_*`.
+
+    Applied as a table TTL by every migration (`beamline db migrate`, and the recorder when it
+    starts) with ALTER TABLE ... MODIFY TTL, so a new value takes effect on the next start.
+    Rows go when the engine merges parts, not at the stroke of the day. 0 keeps rows forever.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BEAMLINE_RETENTION_", extra="ignore")
+
+    bl_messages_days: int = Field(
+        default=90,
+        ge=0,
+        le=36_500,
+        description="Days a recorded message is kept (TTL on bl_messages.ts); 0: forever. "
+        "Messages are the record everything else is read from, and they compress well.",
+    )
+    otel_traces_days: int = Field(
+        default=30,
+        ge=0,
+        le=36_500,
+        description="Days a span is kept (otel_traces and its trace-id lookup table); "
+        "0: forever. Spans are the trace view of the messages, which stay longer.",
+    )

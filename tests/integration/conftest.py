@@ -12,7 +12,7 @@ import httpx
 import pytest
 from nats.aio.client import Client as NATS
 
-from beamline import bus
+from beamline import bus, nats_auth
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 from beamline.testing import (
@@ -50,6 +50,15 @@ class MeshHandle:
 
     def logs(self, name: str) -> str:
         return self.mesh.process(name).logs()
+
+    async def connect_as(self, role: nats_auth.Role, name: str) -> NATS:
+        """A connection as one service role's NATS user (e.g. the only one that may publish
+        supervisor events or control commands); the caller closes it."""
+        users = nats_auth.MeshCredentials.load(
+            self.mesh.settings.data_dir / nats_auth.CREDENTIALS_FILE
+        )
+        credentials = users.for_user(role) if users else None
+        return await bus.connect(self.mesh.nats_url, name, credentials=credentials)
 
 
 MeshFactory = Callable[..., Any]

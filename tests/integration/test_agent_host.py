@@ -156,10 +156,11 @@ async def test_a_task_to_a_named_agent_replies_on_its_reply_to_subject(
     start_mesh: MeshFactory,
 ) -> None:
     mesh = await start_mesh()
-    inbox = await mesh.nc.subscribe("my.private.inbox")
+    reply_to = mesh.nc.new_inbox()  # under this user's inbox prefix: only it may read there
+    inbox = await mesh.nc.subscribe(reply_to)
     await mesh.nc.publish(
         subjects.inbox("writer"),
-        json.dumps({"prompt": "Describe Beamline", "reply_to": "my.private.inbox"}).encode(),
+        json.dumps({"prompt": "Describe Beamline", "reply_to": reply_to}).encode(),
     )
     msg = await inbox.next_msg(timeout=30)
     reply = bus.decode(msg.data, 10**6)

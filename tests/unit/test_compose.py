@@ -9,7 +9,11 @@ No Docker engine runs here, so these tests check the file without one:
 - the deployment YAML named by `BEAMLINE_CONFIG` loads with the container's environment,
   and its providers reach compose hostnames;
 - volumes are declared, ports are bound to 127.0.0.1, and secrets come from the host;
-- healthchecks and `depends_on` conditions agree.
+- healthchecks and `depends_on` conditions agree;
+- least privilege: each service connects to NATS as its role's user with the same password
+  variable the nats container gives nats-server, and to ClickHouse as `writer` (the
+  recorder) or `readonly` (the rest), users the clickhouse container gets from
+  infra/clickhouse/users.xml with every password variable set.
 
 Each checker returns a list of problems, and each one is also shown to reject a broken
 copy of the file.
@@ -25,6 +29,7 @@ import os
 import re
 import shlex
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from beamline import config
+from beamline import config, nats_auth
 from beamline.errors import ConfigError
 from beamline.storage import SCHEMA_DIR_ENV
 from beamline.testing import nats_server_binary
@@ -46,6 +51,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "infra/compose/compose-spec.json"
 DOCKERFILE = ROOT / "infra/docker/Dockerfile"
 NATS_CONF = ROOT / "infra/nats/nats-server.conf"
+CLICKHOUSE_USERS = ROOT / "infra/clickhouse/users.xml"
 
 Compose = dict[str, Any]
 Env = dict[str, str | None]
@@ -350,6 +356,72 @@ def health_problems(compose: Compose) -> list[str]:
     return problems
 
 
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of each bind mount."""
+    out = {}
+    for item in service.get("volumes", []):
+        source, _, rest = str(item).partition(":")
+        if source.startswith((".", "/")):
+            out[rest.split(":")[0]] = source
+    return out
+
+
+def _role_of(service: dict[str, Any]) -> nats_auth.Role | None:
+    module = service["command"][-1] if service.get("command") else ""
+    return nats_auth.SERVICE_ROLES.get(str(module).removeprefix("services."))
+
+
+def nats_user_problems(compose: Compose) -> list[str]:
+    """Each service connects as its role's user, with the password variable that the nats
+    container hands nats-server for that user; every user of auth.conf has one there."""
+    problems = []
+    nats = compose["services"]["nats"]
+    server_env = environment(nats)
+    for user in nats_auth.default_users():
+        if not server_env.get(user.password_env):
+            problems.append(f"nats: {user.password_env} is not set, nats-server will not start")
+    if _mounts(nats).get("/etc/nats/auth.conf") != "./infra/nats/auth.conf":
+        problems.append("nats: infra/nats/auth.conf is not mounted beside the config")
+    for name, service in beamline_services(compose).items():
+        role = _role_of(service)
+        if role is None:
+            continue
+        env = environment(service)
+        if env.get("BEAMLINE_NATS_USER") != role.value:
+            problems.append(f"{name}: BEAMLINE_NATS_USER must be {role.value!r}")
+        if env.get("BEAMLINE_NATS_PASSWORD") != server_env.get(nats_auth.password_env(role.value)):
+            problems.append(
+                f"{name}: BEAMLINE_NATS_PASSWORD must be the nats container's "
+                f"{nats_auth.password_env(role.value)}"
+            )
+    return problems
+
+
+def clickhouse_user_problems(compose: Compose) -> list[str]:
+    """The recorder writes as `writer`, the rest read as `readonly`; the clickhouse
+    container mounts the users and sets every password they read from the environment."""
+    problems = []
+    clickhouse = compose["services"]["clickhouse"]
+    server_env = environment(clickhouse)
+    if _mounts(clickhouse).get("/etc/clickhouse-server/users.d/beamline.xml") != (
+        "./infra/clickhouse/users.xml"
+    ):
+        problems.append("clickhouse: infra/clickhouse/users.xml is not mounted into users.d")
+    wanted = {e.get("from_env") for e in ET.parse(CLICKHOUSE_USERS).iter() if e.get("from_env")}
+    for var in sorted(v for v in wanted if v and not server_env.get(v)):
+        problems.append(f"clickhouse: {var} is not set, so that user has no password")
+    for name, service in beamline_services(compose).items():
+        url = urlsplit(environment(service).get("BEAMLINE_CLICKHOUSE_URL") or "")
+        want = "writer" if "services.recorder" in service["command"] else "readonly"
+        if url.username != want:
+            problems.append(f"{name}: connects to ClickHouse as {url.username!r}, not {want!r}")
+            continue
+        var = f"CLICKHOUSE_{want.upper()}_PASSWORD"
+        if url.password != server_env.get(var):
+            problems.append(f"{name}: the ClickHouse password must be the container's {var}")
+    return problems
+
+
 # --- the real file -----------------------------------------------------------------------
 
 
@@ -370,6 +442,8 @@ def test_the_schema_is_kept_with_its_licence() -> None:
         volume_problems,
         port_problems,
         health_problems,
+        nats_user_problems,
+        clickhouse_user_problems,
     ],
 )
 def test_the_compose_file_is_consistent(check: Callable[[Compose], list[str]]) -> None:
@@ -412,27 +486,41 @@ def test_a_host_key_reaches_the_gateway_only_from_the_host() -> None:
             assert not any(_KEY_NAME.search(var) for var in environment(service)), name
 
 
+def nats_server_check(config: Path) -> subprocess.CompletedProcess[bytes]:
+    """`nats-server -t` with the nats container's environment (its password defaults)."""
+    env = container_env(load_compose()["services"]["nats"])
+    return subprocess.run(
+        [nats_server_binary(), "-c", str(config), "-t"],
+        capture_output=True,
+        timeout=30,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        check=False,
+    )
+
+
 def test_the_nats_config_is_valid_and_sets_sync_interval_consciously() -> None:
     compose = load_compose()
     nats = compose["services"]["nats"]
-    mounted = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    mounted = _mounts(nats)
     config_path = nats["command"][nats["command"].index("-c") + 1]
     assert (ROOT / mounted[config_path]).resolve() == NATS_CONF
     text = NATS_CONF.read_text()
     assert re.search(r"^\s*sync_interval:\s*\S+", text, re.MULTILINE)
-    done = subprocess.run(
-        [nats_server_binary(), "-c", str(NATS_CONF), "-t"], capture_output=True, timeout=30
-    )
+    # an include is read beside the config: in the container as in the repository
+    for include in re.findall(r'^\s*include\s+"([^"]+)"', text, re.MULTILINE):
+        inside = str(Path(config_path).parent / include)
+        assert (ROOT / mounted[inside]).resolve() == NATS_CONF.parent / include
+    done = nats_server_check(NATS_CONF)
     assert done.returncode == 0, done.stderr
 
 
 def test_nats_server_rejects_a_broken_config(tmp_path: Path) -> None:
     broken = tmp_path / "nats.conf"
     broken.write_text(NATS_CONF.read_text().replace("sync_interval: 1s", "sync_interval: soon"))
-    done = subprocess.run(
-        [nats_server_binary(), "-c", str(broken), "-t"], capture_output=True, timeout=30
-    )
+    (tmp_path / "auth.conf").write_text((NATS_CONF.parent / "auth.conf").read_text())
+    done = nats_server_check(broken)
     assert done.returncode != 0
+    assert b"sync_interval" in done.stderr + done.stdout
 
 
 # --- broken copies: each check can fail --------------------------------------------------
@@ -509,6 +597,18 @@ def _bind_missing(c: Compose) -> None:
     _services(c)["nats"]["volumes"].append("./infra/nats/missing.conf:/etc/x.conf:ro")
 
 
+def _drop_nats_password(c: Compose) -> None:
+    _services(c)["nats"]["environment"].pop("NATS_INIT_PASSWORD")
+
+
+def _drop_mount(service: str, fragment: str) -> Callable[[Compose], None]:
+    def mutate(c: Compose) -> None:
+        volumes = _services(c)[service]["volumes"]
+        volumes[:] = [v for v in volumes if fragment not in str(v)]
+
+    return mutate
+
+
 @pytest.mark.parametrize(
     ("check", "mutate", "message"),
     [
@@ -537,6 +637,39 @@ def _bind_missing(c: Compose) -> None:
         (health_problems, _depends("agent-host", "gateway", "service_healthy"), "no healthcheck"),
         (health_problems, _depends("agent-host", "grafana", "service_started"), "unknown"),
         (health_problems, _drop_healthcheck, "clickhouse"),
+        (nats_user_problems, _set("BEAMLINE_NATS_USER", "admin", "agent-host"), "'agent'"),
+        (
+            nats_user_problems,
+            _set("BEAMLINE_NATS_PASSWORD", "${NATS_AGENT_PASSWORD:-other}", "agent-host"),
+            "NATS_AGENT_PASSWORD",
+        ),
+        (nats_user_problems, _drop("BEAMLINE_NATS_USER"), "recorder"),
+        (nats_user_problems, _drop_nats_password, "NATS_INIT_PASSWORD"),
+        (nats_user_problems, _drop_mount("nats", "auth.conf"), "auth.conf"),
+        (
+            clickhouse_user_problems,
+            _set(
+                "BEAMLINE_CLICKHOUSE_URL",
+                "http://writer:${CLICKHOUSE_WRITER_PASSWORD:-writer}@clickhouse:8123/default",
+                "gateway",
+            ),
+            "not 'readonly'",
+        ),
+        (
+            clickhouse_user_problems,
+            _set(
+                "BEAMLINE_CLICKHOUSE_URL",
+                "http://beamline:${CLICKHOUSE_PASSWORD:-beamline}@clickhouse:8123/default",
+                "recorder",
+            ),
+            "not 'writer'",
+        ),
+        (clickhouse_user_problems, _drop_mount("clickhouse", "users.xml"), "users.d"),
+        (
+            clickhouse_user_problems,
+            lambda c: _services(c)["clickhouse"]["environment"].pop("CLICKHOUSE_WRITER_PASSWORD"),
+            "CLICKHOUSE_WRITER_PASSWORD is not set",
+        ),
     ],
 )
 def test_each_check_rejects_a_broken_copy(
