@@ -18,15 +18,21 @@
 -- `is_envelope` makes FINAL keep the envelope, and the recorder prefers the envelope too.
 --
 -- Sorting key (ts, id): the common reads are time ranges ("errors in the last hour", "count
--- by kind per minute"). They prune on the primary index. With (agent, ts), a pure
--- time-range read scans every agent's ts range. ts then id also keeps rows of one
+-- by kind per minute"): every dashboard panel (dashboards/*.json) filters $__timeFilter(ts),
+-- and `beamline logs --since` a time too. They prune on the primary index. With (agent, ts),
+-- a pure time-range read scans every agent's ts range. ts then id also keeps rows of one
 -- conversation or trace close together, so the bloom-filter skip indexes on trace_id /
 -- conversation_id / id drop almost every granule for "one trace / one conversation / these
 -- ids" lookups (BASELINES: 38.6 ms -> 18.5 ms for a trace among 5M rows).
 --
--- Partition by month: cheap retention (ALTER TABLE ... DROP PARTITION) and few parts. The
--- same envelope always has the same ts, so its copies land in the same partition and the
--- same sorting key, where ReplacingMergeTree can collapse them.
+-- Partition by month: few parts, and whole months can be dropped by hand (ALTER TABLE ...
+-- DROP PARTITION). The same envelope always has the same ts, so its copies land in the same
+-- partition and the same sorting key, where ReplacingMergeTree can collapse them.
+--
+-- Retention is a TTL on ts that every migration sets (ALTER TABLE ... MODIFY TTL, in
+-- beamline.storage.set_retention) from BEAMLINE_RETENTION_BL_MESSAGES_DAYS, default 90 days,
+-- 0 for none: a setting, not this file, so that it can change on a table that exists. Rows
+-- expire as parts merge, row by row (a monthly part holds rows of many days).
 --
 -- non_replicated_deduplication_window: insert de-duplication on a non-replicated table.
 -- With it, an insert carrying an `insert_deduplication_token` already seen among the last

@@ -11,7 +11,19 @@
 -- as the messages, after their insert, before the ack, with an insert de-duplication token
 -- of its own.
 --
--- Adapted to an embedded chDB / single MergeTree server (no cluster, no TTL yet):
+-- Retention is the exporter's TTL, toDateTime(Timestamp) + toIntervalDay(N) on otel_traces and
+-- the same N on the lookup table (on End: a lookup row lives as long as the spans it finds).
+-- Every migration sets it (beamline.storage.set_retention) from
+-- BEAMLINE_RETENTION_OTEL_TRACES_DAYS, default 30 days, 0 for none. With daily partitions and
+-- ttl_only_drop_parts, expired spans go a whole part at a time, without rewriting parts.
+--
+-- The sorting key is the exporter's, and it fits our reads: the dashboards' trace searches
+-- (dashboards/build.py: tasks, supervisor decisions) filter ServiceName = '...' and a
+-- SpanName prefix, which the primary index narrows to that service's spans of that name, and
+-- a time range, which the daily partitions narrow to its days. One trace by id (the plugin's
+-- trace view) is the bloom filter on TraceId, within the time range the lookup table gives.
+--
+-- Adapted to an embedded chDB / single MergeTree server (no cluster):
 -- - ENGINE = ReplacingMergeTree and ORDER BY the exporter's key plus SpanId. A span's
 --   identity is deterministic (SpanId is the envelope's or the task's span, Timestamp and
 --   Duration come from recorded values), so the same span written twice is the same sorting

@@ -18,8 +18,13 @@ The span model is the one the agent already writes (nothing is added to the enve
   span is the task envelope's span (the outcome's `parent_span_id`), start = the task's ts
   (looked up by the outcome's `task_id`), end = the outcome's ts; status Error with the
   reason for an `error`. Its parent is the task's own parent (a caller's span), if any.
-- Supervisor decisions (restart, escalate) will be spans too, once the supervisor records
-  them; nothing is emitted for them yet.
+- `supervise {event}`, one per supervisor event (`bl.events.supervisor.<event>`: child
+  started, exited, restarted, removed, stopped; gave up; escalated; host lost; agent
+  re-homed; leader elected). A decision is an instant: start = end = ts. Its span and parent
+  are the event envelope's. Service `beamline-supervisor`; every `data` field becomes a
+  `beamline.<field>` attribute (`beamline.supervisor`, `beamline.child`, `beamline.exit`,
+  `beamline.host`, ...; lists as JSON). Status Error where supervision itself failed (gave
+  up, escalated, host lost), with `error.type` the event.
 
 Span identity is deterministic: SpanId is the envelope's span (or the task's), and the
 start and duration come from recorded values, so a message recorded twice gives the same
@@ -35,7 +40,7 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from beamline import rows
+from beamline import rows, subjects
 
 TRACES_TABLE: Final = "otel_traces"
 
@@ -78,13 +83,19 @@ COLUMN_TYPES: Final = (
 _COL = {name: i for i, name in enumerate(COLUMNS)}
 TRACE_ID, SPAN_ID, SPAN_NAME = _COL["TraceId"], _COL["SpanId"], _COL["SpanName"]
 
-# The kinds that end in a span; every other row costs one set lookup.
+# The kinds that end in a span, and supervisor events (by subject); every other row costs a
+# set lookup.
 SOURCE_KINDS: Final = frozenset({"llm_response", "tool_result", "reply", "error"})
+# subjects.event("supervisor", <event>): the supervisor's decisions
+SUPERVISOR_EVENTS: Final = f"{subjects.PREFIX}.events.supervisor."
+# Decisions that mean supervision failed at this supervisor; the others are its normal work.
+FAILED_DECISIONS: Final = frozenset({"supervisor_gave_up", "escalated", "host_lost"})
 OUTCOME_KINDS: Final = frozenset({"reply", "error"})
 TASK_KINDS: Final = frozenset({"task", rows.KIND_RAW})  # a plain task is first recorded raw
 
 SERVICE_GATEWAY: Final = "beamline-gateway"
 SERVICE_AGENT: Final = "beamline-agent"
+SERVICE_SUPERVISOR: Final = "beamline-supervisor"
 SCOPE_NAME: Final = "beamline.recorder"
 KIND_CLIENT: Final = "Client"  # the exporter's spelling (ptrace.SpanKind.String())
 KIND_INTERNAL: Final = "Internal"
@@ -94,6 +105,7 @@ STATUS_ERROR: Final = "Error"
 _NS_PER_US: Final = 1000
 _NS_PER_MS: Final = 1_000_000
 _KIND = rows.KIND
+_SUBJECT = rows.COLUMNS.index("subject")
 _SENDER, _RECIPIENT = rows.COLUMNS.index("sender"), rows.COLUMNS.index("recipient")
 _CONVERSATION = rows.COLUMNS.index("conversation_id")
 _TRACE, _SPAN = rows.COLUMNS.index("trace_id"), rows.COLUMNS.index("span_id")
@@ -156,11 +168,15 @@ def plan(message_rows: Iterable[Sequence[Any]]) -> Plan:
     tasks = out.tasks
     for row in message_rows:
         kind = row[_KIND]
-        if kind in SOURCE_KINDS:
+        if kind in SOURCE_KINDS or (kind == "event" and _is_decision(row)):
             sources.append(row)
         elif kind in TASK_KINDS and (kind == "task" or row[rows.ID] not in tasks):
             tasks[row[rows.ID]] = TaskStart(row[rows.TS], row[_PARENT])  # envelope over raw
     return out
+
+
+def _is_decision(row: Sequence[Any]) -> bool:
+    return row[_KIND] == "event" and str(row[_SUBJECT]).startswith(SUPERVISOR_EVENTS)
 
 
 def _span_id(row: Sequence[Any]) -> str:
@@ -201,7 +217,7 @@ def span_rows(
 def span_row(row: Sequence[Any], tasks: Mapping[str, TaskStart]) -> list[Any] | None:
     """The span of one `bl_messages` row, or None when it gives none."""
     kind = row[_KIND]
-    if kind not in SOURCE_KINDS:
+    if kind not in SOURCE_KINDS and not _is_decision(row):
         return None
     try:
         payload = _payload(row)
@@ -209,6 +225,8 @@ def span_row(row: Sequence[Any], tasks: Mapping[str, TaskStart]) -> list[Any] | 
             return _chat(row, payload)
         if kind == "tool_result":
             return _tool(row, payload)
+        if kind == "event":
+            return _decision(row, payload)
         return _invoke_agent(row, payload, tasks)
     except (TypeError, ValueError, OverflowError):
         return None  # a payload not of its kind's shape: the message row still records it
@@ -377,6 +395,38 @@ def _invoke_agent(
         name=f"invoke_agent {agent}".rstrip(),
         kind=KIND_INTERNAL,
         service=SERVICE_AGENT,
+        attributes=attrs,
+        status=status,
+        message=message,
+    )
+
+
+def _attribute(value: Any) -> str:
+    """A span attribute value: text as it is, anything else as JSON (3, true, ["a"])."""
+    return value if type(value) is str else orjson.dumps(value).decode()
+
+
+def _decision(row: Sequence[Any], payload: dict[str, Any]) -> list[Any] | None:
+    event = _text(payload.get("name"))
+    data = payload.get("data")
+    if not event or type(data) is not dict:
+        return None
+    attrs = {f"beamline.{key}": _attribute(value) for key, value in data.items()}
+    attrs["beamline.event"] = event
+    attrs["beamline.envelope_id"] = row[rows.ID]
+    status, message = STATUS_UNSET, ""
+    if event in FAILED_DECISIONS:
+        attrs["error.type"] = event
+        status, message = STATUS_ERROR, _text(data.get("exit"))[:1024]
+    return _span(
+        row,
+        start_ns=row[rows.TS] * _NS_PER_US,
+        duration_ns=0,
+        span_id=row[_SPAN],
+        parent=row[_PARENT],
+        name=f"supervise {event}",
+        kind=KIND_INTERNAL,
+        service=SERVICE_SUPERVISOR,
         attributes=attrs,
         status=status,
         message=message,

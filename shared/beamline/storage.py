@@ -1,4 +1,6 @@
-"""ClickHouse, through clickhouse-connect only: connect, migrate, classify failures.
+"""ClickHouse, through clickhouse-connect only: connect, migrate (the ordered schema files of
+infra/clickhouse, recorded in bl_schema_migrations, and each table's retention TTL), classify
+failures.
 
 URLs: `chdb://PATH` is an embedded in-process chDB engine (one engine path per process: the
 recorder owns it, and every other process reads through the recorder's `bl.query.sql`
@@ -33,9 +35,11 @@ from clickhouse_connect.driver.exceptions import (
     OperationalError,
     StreamFailureError,
 )
+from pydantic import ValidationError
 
 from beamline.errors import CallerError, ConfigError, Reason, TransientError
-from beamline.sqltext import split_statements
+from beamline.settings import RetentionSettings
+from beamline.sqltext import split_statements, strip_comments
 
 log = logging.getLogger("beamline.storage")
 MIGRATIONS_TABLE: Final = "bl_schema_migrations"
@@ -119,7 +123,14 @@ class Migration:
 
     @property
     def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+        """sha256 of what the file runs: its statements without comments, whitespace
+        collapsed. A comment can be corrected after the file was applied; a statement cannot
+        (whitespace inside a quoted literal is collapsed too, which no schema file relies on)."""
+        h = hashlib.sha256()
+        for statement in split_statements(self.sql):
+            h.update(" ".join(strip_comments(statement).split()).encode())
+            h.update(b";\n")
+        return h.hexdigest()
 
 
 def migrations(directory: Path | None = None) -> list[Migration]:
@@ -144,11 +155,61 @@ def migrations(directory: Path | None = None) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-def migrate(client: Client, directory: Path | None = None) -> list[int]:
-    """Apply the schema files not yet recorded in bl_schema_migrations; return their versions.
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """Rows of `table` live `days` after their `column` (0: forever), as a table TTL."""
 
-    Every statement in a file must be idempotent (CREATE ... IF NOT EXISTS): a crash between
-    a statement and its record re-runs the file harmlessly. Safe to call twice and from
+    table: str
+    column: str
+    days: int
+
+    @property
+    def ttl(self) -> str:
+        """The TTL expression as ClickHouse prints it back in system.tables, '' for none."""
+        return f"toDateTime({self.column}) + toIntervalDay({self.days})" if self.days else ""
+
+
+@dataclass(frozen=True, slots=True)
+class TtlChange:
+    table: str
+    before: str  # TTL expressions; '' for none
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    """What a `migrate` call changed: the files it applied and the TTLs it set."""
+
+    applied: list[Migration]
+    retention: list[TtlChange]
+    version: int  # the newest schema file's: where the database is now
+
+
+def retention_policy(settings: RetentionSettings | None = None) -> list[Retention]:
+    """The TTL of every table the recorder writes, from BEAMLINE_RETENTION_* by default."""
+    try:
+        s = settings or RetentionSettings()
+    except ValidationError as exc:
+        raise ConfigError(f"BEAMLINE_RETENTION_* is not usable: {exc}") from exc
+    return [
+        Retention("bl_messages", "ts", s.bl_messages_days),
+        Retention("otel_traces", "Timestamp", s.otel_traces_days),
+        # The plugin finds a trace's spans through this table: a row lives as long as the
+        # last span it covers (End is the latest Timestamp of its insert block).
+        Retention("otel_traces_trace_id_ts", "End", s.otel_traces_days),
+    ]
+
+
+def migrate(
+    client: Client, directory: Path | None = None, retention: list[Retention] | None = None
+) -> Migrated:
+    """Apply the schema files not yet recorded in bl_schema_migrations, then bring each
+    table's TTL to `retention` (default: `retention_policy()`).
+
+    Raises ConfigError, before applying anything, when a file applied earlier has changed:
+    an applied file is never run again, so its change would silently not happen. Every
+    statement in a file must be idempotent (CREATE ... IF NOT EXISTS): a crash between a
+    statement and its record re-runs the file harmlessly. Safe to call twice and from
     several threads of one process (a lock serialises the calls).
     """
     with _migrate_lock:
@@ -158,22 +219,18 @@ def migrate(client: Client, directory: Path | None = None) -> list[int]:
             " applied_at DateTime64(6, 'UTC') DEFAULT now64(6)"
             ") ENGINE = ReplacingMergeTree ORDER BY version"
         )
-        applied = {
+        recorded = {
             int(row[0]): str(row[1])
             for row in client.query(
                 f"SELECT version, argMax(checksum, applied_at) FROM {MIGRATIONS_TABLE}"
                 " GROUP BY version"
             ).result_rows
         }
-        done: list[int] = []
-        for m in migrations(directory):
-            if m.version in applied:
-                if applied[m.version] != m.checksum:
-                    log.warning(
-                        "schema file changed after it was applied; it is not re-applied: "
-                        "add a new NNN_*.sql file for the change",
-                        extra={"migration": m.name, "version": m.version},
-                    )
+        found = migrations(directory)
+        _refuse_changed(found, recorded)
+        done: list[Migration] = []
+        for m in found:
+            if m.version in recorded:
                 continue
             for statement in split_statements(m.sql):
                 client.command(statement)
@@ -184,8 +241,59 @@ def migrate(client: Client, directory: Path | None = None) -> list[int]:
                 column_type_names=["UInt32", "String", "String"],
             )
             log.info("schema migration applied", extra={"migration": m.name})
-            done.append(m.version)
-        return done
+            done.append(m)
+        policy = retention_policy() if retention is None else retention
+        version = max((m.version for m in found), default=0)
+        return Migrated(done, set_retention(client, policy), version)
+
+
+def _refuse_changed(found: list[Migration], recorded: Mapping[int, str]) -> None:
+    changed = [m.name for m in found if recorded.get(m.version, m.checksum) != m.checksum]
+    if changed:
+        raise ConfigError(
+            f"schema file(s) {', '.join(changed)} changed after they were applied to this "
+            "database, and an applied file is never run again: restore them (git checkout) "
+            "and put the change in a new NNN_name.sql file"
+        )
+
+
+_TTL_CLAUSE = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
+
+
+def table_ttl(engine_full: str) -> str:
+    """The TTL expression of a table from its system.tables `engine_full`; '' for none."""
+    match = _TTL_CLAUSE.search(engine_full)
+    return match.group(1) if match else ""
+
+
+def set_retention(client: Client, policy: list[Retention]) -> list[TtlChange]:
+    """ALTER TABLE ... MODIFY (or REMOVE) TTL where a table's TTL differs from the policy.
+
+    Only a change is applied: MODIFY TTL also starts a mutation that recomputes the TTL of
+    every existing part (materialize_ttl_after_modify), which is work worth doing once, not
+    at every start. It runs in the background; the ALTER returns at once. Tables that do not
+    exist (a schema directory without them) are skipped.
+    """
+    engines: dict[str, str] = {
+        str(name): str(engine)
+        for name, engine in client.query(
+            "SELECT name, engine_full FROM system.tables"
+            " WHERE database = currentDatabase() AND name IN {names:Array(String)}",
+            parameters={"names": [r.table for r in policy]},
+        ).result_rows
+    }
+    changes: list[TtlChange] = []
+    for r in policy:
+        if r.table not in engines:
+            continue
+        before = table_ttl(engines[r.table])
+        if before == r.ttl:
+            continue
+        action = f"MODIFY TTL {r.ttl}" if r.ttl else "REMOVE TTL"
+        client.command(f"ALTER TABLE {r.table} {action}")
+        log.info("retention changed", extra={"table": r.table, "before": before, "ttl": r.ttl})
+        changes.append(TtlChange(r.table, before, r.ttl))
+    return changes
 
 
 def classify(exc: BaseException) -> Reason:

@@ -63,6 +63,46 @@ def test_a_table_must_return_exactly_its_declared_columns() -> None:
     assert grafana.check_result({}, target, ["a"], ["String"], [["x"]])  # nothing declared
 
 
+TRACE_COLUMNS = {
+    "traceID": "String",
+    "spanID": "String",
+    "parentSpanID": "String",
+    "serviceName": "LowCardinality(String)",
+    "operationName": "LowCardinality(String)",
+    "startTime": "DateTime64(9)",
+    "duration": "Float64",
+    "tags": "Array(Map(String, String))",
+    "serviceTags": "Array(Map(String, String))",
+}
+
+
+def test_a_trace_needs_the_fields_of_grafanas_trace_view() -> None:
+    target = {"format": grafana.FORMAT_TRACE, "queryType": "traces"}
+    columns, types = list(TRACE_COLUMNS), list(TRACE_COLUMNS.values())
+    assert grafana.check_result({}, target, columns, types, [["row"]]) == []
+    epoch_ms = [t if c != "startTime" else "Float64" for c, t in TRACE_COLUMNS.items()]
+    assert grafana.check_result({}, target, columns, epoch_ms, [["row"]]) == []
+    flat_tags = [t if c != "tags" else "Map(String, String)" for c, t in TRACE_COLUMNS.items()]
+    problems = grafana.check_result({}, target, columns, flat_tags, [["row"]])
+    assert problems == ["column 'tags' must be key-values, got Map(String, String)"]
+    problems = grafana.check_result(
+        {}, {**target, "queryType": "table"}, columns[1:], types[1:], []
+    )
+    assert "no rows" in problems and "the trace view needs a column 'traceID'" in problems
+    assert any("queryType 'table'" in p for p in problems)
+
+
+def test_panels_are_laid_out_in_rows_without_overlap() -> None:
+    half = grafana.timeseries("t", "SELECT 1")
+    board = grafana.dashboard(
+        "u", "t", [half, half, grafana.table("x", "SELECT 1", ["a"]), half, grafana.traces("r", "SELECT 1")], []
+    )  # fmt: skip
+    grids = [p["gridPos"] for p in board["panels"]]
+    assert [(g["x"], g["y"], g["w"]) for g in grids] == [(0, 0, 12), (12, 0, 12), (0, 8, 24), (0, 16, 12), (0, 24, 24)]  # fmt: skip
+    assert [p["id"] for p in board["panels"]] == [1, 2, 3, 4, 5]
+    assert board["panels"][4]["targets"][0]["queryType"] == "traces"
+
+
 def load_build() -> Any:
     spec = importlib.util.spec_from_file_location("dashboards_build", ROOT / "dashboards/build.py")
     assert spec and spec.loader
@@ -86,10 +126,40 @@ def test_dashboards_have_stable_unique_uids_and_use_the_provisioned_datasource()
     )["datasources"][0]
     assert provisioned["uid"] == grafana.DATASOURCE_UID and provisioned["type"] == grafana.PLUGIN
     boards = [json.loads(p.read_text()) for p in sorted((ROOT / "dashboards").glob("*.json"))]
-    assert sorted(b["uid"] for b in boards) == ["beamline-agent", "beamline-llm", "beamline-overview"]  # fmt: skip
+    assert sorted(b["uid"] for b in boards) == [
+        "beamline-agent",
+        "beamline-llm",
+        "beamline-overview",
+        "beamline-supervision",
+        "beamline-traces",
+    ]
     for board in boards:
         for panel, target in grafana.queries(board):
             assert target["datasource"] == grafana.DATASOURCE, panel["title"]
             assert target["editorType"] == "sql" and target["rawSql"], panel["title"]
     names = {v["name"] for b in boards for v in b["templating"]["list"]}
-    assert names == {"agent", "provider"}
+    assert names == {
+        "agent",
+        "provider",
+        "supervisor",
+        "conversation",
+        "status",
+        "min_duration_ms",
+        "trace_id",
+    }
+
+
+def test_trace_links_open_the_trace_view_of_the_provisioned_otel_tables() -> None:
+    # the plugin links a column named trace_id (or traceID) to its trace view, with the
+    # datasource's trace defaults when the query is SQL (src/data/utils.ts)
+    provisioned = yaml.safe_load(
+        (ROOT / "infra/grafana/provisioning/datasources/clickhouse.yaml").read_text()
+    )["datasources"][0]["jsonData"]["traces"]
+    assert provisioned["defaultTable"] == "otel_traces" and provisioned["otelEnabled"] is True
+    traces = json.loads((ROOT / "dashboards/traces.json").read_text())
+    searches = [p for p in traces["panels"] if p["type"] == "table"]
+    assert searches and all("trace_id" in (grafana.declared_columns(p) or []) for p in searches)
+    (view,) = [p for p in traces["panels"] if p["type"] == "traces"]
+    assert view["targets"][0]["format"] == grafana.FORMAT_TRACE
+    assert "'${trace_id}'" in view["targets"][0]["rawSql"]
+    assert "otel_traces_trace_id_ts" in view["targets"][0]["rawSql"]

@@ -109,7 +109,9 @@ def count(client: storage.Client, conversation: str, final: bool = False) -> int
 
 
 def test_migrate_is_idempotent_and_recorded(client: storage.Client) -> None:
-    assert storage.migrate(client) == []  # the fixture applied everything already
+    again = storage.migrate(client)  # the fixture applied everything already
+    assert (again.applied, again.retention) == ([], [])
+    assert again.version == storage.migrations()[-1].version
     threads = [threading.Thread(target=storage.migrate, args=(client,)) for _ in range(3)]
     for t in threads:
         t.start()
@@ -131,6 +133,18 @@ def test_migrate_is_idempotent_and_recorded(client: storage.Client) -> None:
         ("id", "bloom_filter"),
         ("trace_id", "bloom_filter"),
     ]
+    # the trace searches filter ServiceName, SpanName and time: a prefix of the sorting key;
+    # one trace by id is the bloom filter on TraceId
+    sorting = client.query(
+        "SELECT sorting_key FROM system.tables"
+        " WHERE database = currentDatabase() AND name = 'otel_traces'"
+    ).result_rows[0][0]
+    assert sorting == "ServiceName, SpanName, toDateTime(Timestamp), SpanId"
+    trace_index = client.query(
+        "SELECT type FROM system.data_skipping_indices"
+        " WHERE database = currentDatabase() AND table = 'otel_traces' AND expr = 'TraceId'"
+    ).result_rows
+    assert trace_index == [("bloom_filter",)]
     columns = client.query("DESCRIBE TABLE bl_messages").result_rows
     assert [c[0] for c in columns][: len(COLUMNS)] == list(COLUMNS)
     assert [c[1] for c in columns][: len(COLUMNS)] == list(COLUMN_TYPES)

@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 
-from beamline import bus, rows, spans
+from beamline import bus, rows, spans, subjects
 from beamline.envelope import (
     ChatMessage,
     Envelope,
@@ -26,10 +27,12 @@ T0_NS = int(T0.timestamp()) * 1_000_000_000 + 123_456_000
 COL = {name: i for i, name in enumerate(spans.COLUMNS)}
 
 
-def row(env: Envelope, stream: str = "BL_JOURNAL", seq: int = 1) -> list[Any]:
+def row(
+    env: Envelope, stream: str = "BL_JOURNAL", seq: int = 1, subject: str = "bl.x"
+) -> list[Any]:
     return rows.envelope_row(
         bus.encode(env),
-        subject="bl.x",
+        subject=subject,
         stream=stream,
         stream_seq=seq,
         max_message_bytes=10**6,
@@ -254,3 +257,122 @@ def test_a_malformed_payload_gives_no_span() -> None:
     odd[rows.COLUMNS.index("payload")] = orjson.dumps({"latency_ms": "slow"}).decode()
     (span,) = spans.span_rows([odd])
     assert col(span, "Duration") == 0 and col(span, "SpanName") == "chat"
+
+
+# --- supervisor decisions -----------------------------------------------------------------
+
+# every event of the supervisor's contract, with the data it carries
+DECISIONS: dict[str, dict[str, Any]] = {
+    "child_started": {"supervisor": "analysis", "child": "researcher", "host": "h1"},
+    "child_exited": {"supervisor": "analysis", "child": "researcher", "exit": "boom", "host": "h1"},
+    "child_restarted": {
+        "supervisor": "analysis",
+        "child": "researcher",
+        "exit": "RuntimeError: boom",
+        "reason": "permanent",
+        "restarts": 1,
+        "intensity": 3,
+        "period": 10,
+        "terminate": ["researcher", "analyst"],
+        "start": ["analyst", "researcher"],
+    },
+    "child_removed": {"supervisor": "team", "child": "w", "exit": "normal", "reason": "temporary"},
+    "child_stopped": {"supervisor": "team", "child": "writer", "host": "h1"},
+    "supervisor_gave_up": {
+        "supervisor": "analysis",
+        "child": "researcher",
+        "exit": "RuntimeError: boom",
+        "restarts": 4,
+        "intensity": 3,
+        "period": 10,
+    },
+    "escalated": {"supervisor": "analysis", "parent": "team"},
+    "host_lost": {"host": "h2", "agents": ["analyst"], "shards": [3, 7]},
+    "agent_rehomed": {
+        "supervisor": "analysis",
+        "agent": "analyst",
+        "from_host": "h2",
+        "to_host": "h1",
+    },
+    "leader_elected": {"instance": "sup-a"},
+}
+
+
+def decision(event: str, **data: Any) -> Envelope:
+    """An event as the supervisor publishes it (sender supervisor, recipient the child)."""
+    return Envelope(
+        kind=Kind.EVENT,
+        sender="supervisor",
+        recipient=str(data.get("child") or data.get("agent") or data.get("host") or "team"),
+        conversation_id=str(data.get("supervisor", "supervisor")),
+        payload=EventPayload(name=event, data=data),
+        ts=T0,
+    )
+
+
+def decision_row(env: Envelope) -> list[Any]:
+    name = env.payload.name  # type: ignore[union-attr]
+    return row(env, stream="BL_EVENTS", subject=subjects.event("supervisor", name))
+
+
+@pytest.mark.parametrize("event", DECISIONS)
+def test_every_supervisor_event_is_an_instant_span_with_its_data_as_attributes(event: str) -> None:
+    env = decision(event, **DECISIONS[event])
+    (span,) = spans.span_rows([decision_row(env)])
+    assert col(span, "SpanName") == f"supervise {event}"
+    assert col(span, "ServiceName") == "beamline-supervisor"
+    assert col(span, "ResourceAttributes") == {"service.name": "beamline-supervisor"}
+    assert col(span, "SpanKind") == "Internal"
+    assert (col(span, "TraceId"), col(span, "SpanId")) == (env.trace_id, env.span_id)
+    assert col(span, "Timestamp") == T0_NS and col(span, "Duration") == 0
+    attrs = col(span, "SpanAttributes")
+    assert attrs["beamline.event"] == event and attrs["beamline.envelope_id"] == env.id
+    for key, value in DECISIONS[event].items():
+        assert attrs[f"beamline.{key}"] == (
+            value if isinstance(value, str) else orjson.dumps(value).decode()
+        )
+
+
+def test_a_restart_keeps_its_parent_and_reads_as_otp_reports_it() -> None:
+    exited = decision("child_exited", **DECISIONS["child_exited"])
+    restarted = exited.child(
+        EventPayload(name="child_restarted", data=DECISIONS["child_restarted"]),
+        sender="supervisor",
+        recipient="researcher",
+    )
+    (span,) = spans.span_rows([decision_row(restarted)])
+    assert col(span, "ParentSpanId") == exited.span_id
+    assert col(span, "TraceId") == exited.trace_id
+    assert col(span, "StatusCode") == "Unset"  # restarting is the supervisor doing its job
+    attrs = col(span, "SpanAttributes")
+    assert (attrs["beamline.supervisor"], attrs["beamline.child"]) == ("analysis", "researcher")
+    assert attrs["beamline.exit"] == "RuntimeError: boom"
+    assert attrs["beamline.restarts"] == "1"
+    assert attrs["beamline.terminate"] == '["researcher","analyst"]'
+
+
+@pytest.mark.parametrize("event", ["supervisor_gave_up", "escalated", "host_lost"])
+def test_a_supervision_failure_is_an_error_span(event: str) -> None:
+    (span,) = spans.span_rows([decision_row(decision(event, **DECISIONS[event]))])
+    assert col(span, "StatusCode") == "Error"
+    assert col(span, "SpanAttributes")["error.type"] == event
+    assert col(span, "StatusMessage") == DECISIONS[event].get("exit", "")
+
+
+def test_only_supervisor_events_give_decision_spans() -> None:
+    breaker = Envelope(
+        kind=Kind.EVENT,
+        sender="gateway",
+        recipient="events",
+        conversation_id="gateway",
+        payload=EventPayload(name="breaker_opened", data={"provider": "p"}),
+    )
+    gateway_row = row(
+        breaker, stream="BL_EVENTS", subject=subjects.event("gateway", "breaker_opened")
+    )
+    restart = decision_row(decision("child_restarted", **DECISIONS["child_restarted"]))
+    plan = spans.plan([gateway_row, restart])
+    assert plan.sources == [restart]  # a gateway event costs nothing past the plan
+    assert spans.span_rows([gateway_row]) == []
+    # a redelivered decision is looked up like any other span
+    assert plan.may_be_stored({restart[rows.ID]}) == [restart[rows.COLUMNS.index("span_id")]]
