@@ -1,17 +1,24 @@
 """`make bench`: Beamline's figures next to baselines measured in the same run.
 
 Prints a table and writes bench/results/latest.json. Sized for a 2-core machine.
+
+`python -m bench NAME...` runs only the benches named (e2e, recorder, trace_lookup,
+recorder_lag) and updates their figures in latest.json, keeping the others.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,10 @@ from beamline import bus, streams
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 from beamline.testing import NatsServer, free_port
-from bench import e2e, recorder
+from bench import e2e, recorder, recorder_lag
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 E2E_TASKS = int(os.environ.get("BENCH_E2E_TASKS", "3000"))
 RECORDER_ROWS = int(os.environ.get("BENCH_RECORDER_ROWS", "100000"))
 
@@ -43,7 +51,7 @@ async def bench_e2e(work: Path) -> dict[str, Any]:
         try:
             await e2e.e2e_tasks_per_s(nc, 200)  # warm up: imports, connections, caches
             result = await e2e.e2e_tasks_per_s(nc, E2E_TASKS)
-            result.update(await e2e.raw_js_consume_per_s(nc, E2E_TASKS * 10))
+            result.update(await e2e.raw_js_consume_own_server(E2E_TASKS * 10))
             fakellm = f"http://127.0.0.1:{options.fakellm_port}"
             result.update(await e2e.raw_http_per_s(fakellm, min(E2E_TASKS, 2000)))
         finally:
@@ -83,25 +91,92 @@ async def bench_recorder(work: Path) -> dict[str, Any]:
     return result
 
 
-async def main() -> None:
+async def bench_trace_lookup(work: Path) -> dict[str, Any]:
+    """In a process of its own: chDB opens one data path per process, and its memory (the
+    10M-row insert) goes back when that process ends."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bench.trace_lookup", str(work / "chdb")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.trace_lookup failed: {done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+async def bench_recorder_lag(work: Path) -> dict[str, Any]:
+    server = NatsServer(port=free_port(), store=work / "nats", log_dir=work / "logs")
+    server.start()
+    try:
+        nc = await bus.connect(server.url, "bench")
+        try:
+            await streams.ensure_streams(nc.jetstream(), MeshSettings().mailbox_shards)
+            result = await recorder_lag.recorder_lag(nc, server.url, work)
+            # the same envelopes, now stored in BL_EVENTS, read by raw nats-py
+            count = min(int(recorder_lag.RATE * recorder_lag.SECONDS), RECORDER_ROWS)
+            raw = await recorder.raw_js_receive_per_s(nc, count)
+            result["recorder_lag_raw_receive_per_s"] = raw["raw_js_receive_per_s"]
+        finally:
+            await nc.close()
+    finally:
+        server.kill()
+    result["recorder_lag_rate_vs_raw_receive"] = round(
+        result["recorder_lag_publish_per_s"] / result["recorder_lag_raw_receive_per_s"], 3
+    )
+    return result
+
+
+BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
+    "e2e": bench_e2e,
+    "recorder": bench_recorder,
+    "trace_lookup": bench_trace_lookup,
+    "recorder_lag": bench_recorder_lag,
+}
+
+
+async def main(names: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="beamline-bench-"))
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "benches": names,
+        # other work on the machine moves every figure; the baselines move with it
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
     }
+    measured: dict[str, Any] = {}
     try:
-        results.update(await bench_e2e(work / "e2e"))
-        (work / "recorder").mkdir()
-        results.update(await bench_recorder(work / "recorder"))
+        for name in names:
+            (work / name).mkdir()
+            measured.update(await BENCHES[name](work / name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    latest = RESULTS / "latest.json"
+    kept: dict[str, Any] = {}
+    if set(names) != set(BENCHES) and latest.exists():  # a selection keeps the others' figures
+        kept = {k: v for k, v in json.loads(latest.read_text()).items() if k not in results}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    width = max(len(k) for k in results)
-    for key, value in results.items():
+    latest.write_text(json.dumps({**results, **kept, **measured}, indent=2) + "\n")
+    shown = {**results, **measured}
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
         print(f"{key:<{width}}  {value}")
-    print(f"\nwritten to {RESULTS / 'latest.json'}")
+    print(f"\nwritten to {latest}")
+
+
+def parse_args() -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(BENCHES))
+    names: list[str] = parser.parse_args().names
+    unknown = sorted(set(names) - set(BENCHES))
+    if unknown:
+        parser.error(f"no bench named {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    return [n for n in BENCHES if n in names] if names else list(BENCHES)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(parse_args()))

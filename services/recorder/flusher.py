@@ -50,6 +50,7 @@ class Flusher:
         store: Store,
         health: Health,
         pump: Callable[[], Awaitable[None]],
+        on_spans: Callable[[list[list[Any]]], None] | None = None,
     ) -> None:
         self.nc = nc
         self.cfg = cfg
@@ -57,6 +58,7 @@ class Flusher:
         self.store = store
         self.health = health
         self.pump = pump
+        self.on_spans = on_spans  # the stored spans, for a copy elsewhere (OTLP export)
         self.batch: Batch[str] = self._new_batch()  # rows + reply subjects to ack
         self.inflight: Batch[str] | None = None
         self.stopping = False
@@ -158,6 +160,8 @@ class Flusher:
             os._exit(137)
         await self._ack(batch.msgs, b"")
         self.health.acked += len(batch.msgs)
+        if self.on_spans and result.span_rows:
+            self.on_spans(result.span_rows)  # after the ack: a copy must never delay it
 
     async def _insert_until_stored(self, batch: Batch[str]) -> WriteResult | None:
         """Insert with backoff until ClickHouse takes the batch; None when stopping gave it

@@ -9,7 +9,8 @@ starts and stops them. The parts, one job each:
   (backoff and +WPI while ClickHouse fails);
 - `store`: the ClickHouse clients (de-duplicated inserts, poison-row isolation, recycling
   a client after a failure);
-- `query`: the read-only `bl.query.sql` endpoint.
+- `query`: the read-only `bl.query.sql` endpoint;
+- `otlp`: optionally, a copy of the stored spans to an OTLP endpoint, best effort.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from beamline import bus, storage, streams, subjects
 from beamline.errors import ConfigError
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
-from services.recorder import fastpath
+from services.recorder import fastpath, otlp
 from services.recorder.backoff import backoff
 from services.recorder.flusher import Flusher
 from services.recorder.health import Health, first_line
@@ -56,6 +57,7 @@ class Recorder:
         mesh: MeshSettings,
         store: Store,
         streams_: Sequence[str] = subjects.RECORDED_STREAMS,
+        export: otlp.OtlpExport | None = None,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -64,7 +66,16 @@ class Recorder:
         self.store = store
         self.streams = tuple(streams_)
         self.health = Health()
-        self.flusher = Flusher(nc, cfg, mesh.max_message_bytes, store, self.health, self._pump)
+        self.export = export
+        self.flusher = Flusher(
+            nc,
+            cfg,
+            mesh.max_message_bytes,
+            store,
+            self.health,
+            self._pump,
+            on_spans=export.offer if export else None,
+        )
         self.query = QueryEndpoint(nc, store, self.health)
         self.pullers = {
             s: Puller(nc, cfg, s, self.flusher.accept, self.flusher.paused, self._redeclare)
@@ -156,6 +167,8 @@ class Recorder:
             )
         )
         self._subs.append(await answer_health(self.nc, SERVICE, self.status))
+        if self.export:
+            self.export.start()
         for puller in self.pullers.values():
             await puller.start()
         self._flusher = asyncio.create_task(self.flusher.run(), name="recorder-flush")
@@ -189,6 +202,8 @@ class Recorder:
                 await sub.unsubscribe()
         for task in list(self._tasks):
             task.cancel()
+        if self.export:
+            await asyncio.to_thread(self.export.close)
         await asyncio.to_thread(self.store.close)
         log.info(
             "recorder stopped",
@@ -234,6 +249,7 @@ class Recorder:
             "last_insert_error": health.last_error,
             "last_insert_error_at": health.last_error_at,
             "queries": health.queries,
+            "otlp": self.export.status() if self.export else None,
         }
 
 
@@ -250,12 +266,15 @@ def load_settings() -> tuple[MeshSettings, RecorderSettings]:
 
 async def main(stop: asyncio.Event) -> None:
     mesh, cfg = load_settings()
-    for noisy in ("urllib3", "clickhouse_connect"):  # our error lines carry their cause
+    export = otlp.from_env(cfg)  # before connecting: a bad OTEL_* setting exits 2 at once
+    # our error lines carry their cause; the OTLP exporter's own errors say why an export
+    # failed, its warnings only that it retries
+    for noisy in ("urllib3", "clickhouse_connect", "opentelemetry"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     nc = await bus.connect(mesh.nats_url, SERVICE)
     fastpath.install(nc)  # nats-py's header parser was the hot path's largest cost
     store = Store(mesh.resolved_clickhouse_url, cfg, mesh.max_message_bytes)
-    recorder = Recorder(nc, cfg, mesh, store)
+    recorder = Recorder(nc, cfg, mesh, store, export=export)
     try:
         if await recorder.start(stop):
             await stop.wait()

@@ -62,6 +62,30 @@ class RecorderSettings(BaseSettings):
     query_max_rows: int = Field(
         default=10_000, ge=1, description="max_result_rows of bl.query.sql queries."
     )
+    # OTLP export (services/recorder/otlp.py): on when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    otlp_queue_size: int = Field(
+        default=20_000,
+        ge=1,
+        le=10_000_000,
+        description="Spans held for OTLP export; beyond it new spans are dropped and counted "
+        "(they stay in ClickHouse).",
+    )
+    otlp_batch_size: int = Field(
+        default=512, ge=1, le=100_000, description="Spans per OTLP export request."
+    )
+    otlp_interval_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=600_000,
+        description="A partial batch of spans is exported after waiting this long.",
+    )
+    otlp_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Export calls for one batch (each retrying transient errors within "
+        "OTEL_EXPORTER_OTLP_TIMEOUT) before its spans are dropped and counted.",
+    )
     crash_after_insert: bool = Field(
         default=False,
         description="FAULT INJECTION, tests only: os._exit(137) right after the first "

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -44,6 +44,7 @@ class WriteResult:
     skipped: int  # rows whose ids were already stored
     poisoned: int = 0
     spans: int = 0  # otel_traces rows inserted
+    span_rows: list[list[Any]] = field(default_factory=list)  # those rows (for OTLP export)
 
 
 class Store:
@@ -153,13 +154,15 @@ class Store:
             result = WriteResult(inserted, skipped, poisoned)
         plan = spans.plan(batch_rows)
         if plan:
-            result.spans = self._write_spans(client, plan, check, isolate)
+            result.span_rows = self._write_spans(client, plan, check, isolate)
+            result.spans = len(result.span_rows)
         return result
 
     def _write_spans(
         self, client: Client, plan: spans.Plan, redelivered: Sequence[str], isolate: bool
-    ) -> int:
-        """The spans of a batch into otel_traces, without those already stored."""
+    ) -> list[list[Any]]:
+        """The spans of a batch into otel_traces, without those already stored: the rows
+        inserted."""
         memory = self.span_memory
         memory.remember_tasks(plan.tasks)
         maybe = plan.may_be_stored(frozenset(redelivered))
@@ -168,7 +171,7 @@ class Store:
         if unknown and (redelivered or memory.young()):
             plan.without(stored_span_ids(client, unknown))
         if not plan:
-            return 0
+            return []
         missing = plan.missing_tasks()
         starts = memory.task_starts(missing)
         ask = [t for t in missing if t not in starts]
@@ -176,7 +179,7 @@ class Store:
             starts.update(task_starts(client, ask))
         span_rows = spans.build(plan, starts or None)
         try:
-            written = insert_spans(client, span_rows)
+            insert_spans(client, span_rows)
         except (OperationalError, OSError):
             raise
         except Exception as exc:
@@ -189,9 +192,9 @@ class Store:
                 "without them",
                 extra={"spans": len(span_rows), "error": first_line(exc)},
             )
-            return 0
+            return []
         memory.remember_written(span_rows)
-        return written
+        return span_rows
 
     def _insert_isolating(self, client: Client, batch_rows: Sequence[list[Any]]) -> tuple[int, int]:
         """Insert by halves until the rows ClickHouse refuses are alone; store each of those
