@@ -22,6 +22,7 @@ from beamline.control import (
 
 # "infinity" is a promise to wait; still, a command must end: an hour stands for it
 INFINITY_S = 3600.0
+START_CHUNK = 2000
 
 
 class HostUnreachable(Exception):
@@ -38,6 +39,11 @@ class HostCommands:
         self.term = 0
 
     async def start(self, host: str, agents: Sequence[str], generations: Sequence[int]) -> None:
+        """In order, in chunks that stay far below a control message's size limit."""
+        for i in range(0, len(agents), START_CHUNK):
+            await self._start(host, agents[i : i + START_CHUNK], generations[i : i + START_CHUNK])
+
+    async def _start(self, host: str, agents: Sequence[str], generations: Sequence[int]) -> None:
         await self._request(
             host,
             "start",

@@ -19,7 +19,18 @@ from urllib.parse import unquote
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
 from nats.aio.client import Client as NATS
 
-from beamline import bus, client, config, logview, query, reads, storage, traceview
+from beamline import (
+    bus,
+    client,
+    config,
+    logview,
+    nats_auth,
+    ops,
+    query,
+    reads,
+    storage,
+    traceview,
+)
 from beamline.errors import BeamlineError, Reason, TransientError
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
@@ -36,21 +47,19 @@ def _mesh_options(args: argparse.Namespace) -> RuntimeOptions:
 
 
 async def _connect(settings: MeshSettings) -> NATS:
-    """bus.connect retries forever, as services should; a CLI command says so instead."""
-    try:
-        return await asyncio.wait_for(bus.connect(settings.nats_url, "beamline-cli"), 10)
-    except TimeoutError:
-        raise TransientError(
-            f"NATS at {settings.nats_url} does not answer: start the mesh (`beamline up`)",
-            Reason.NATS_UNAVAILABLE,
-        ) from None
+    """Connect as the user BEAMLINE_NATS_USER or the URL names, else as the operator of the
+    embedded mesh in the data directory. bus.connect retries forever, as services should; a
+    CLI command gives up after 10 s and says why (no answer, or credentials refused)."""
+    operator = nats_auth.embedded_admin(settings)
+    return await bus.connect(settings.nats_url, "beamline-cli", operator, give_up_s=10)
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
     mesh = Mesh(MeshSettings(), _mesh_options(args))
     try:
         await mesh.start()
-        print(f"Beamline is up: NATS {mesh.nats_url}, logs in {mesh.log_dir}. Ctrl-C stops it.")
+        where = nats_auth.without_credentials(mesh.nats_url)  # a password is never printed
+        print(f"Beamline is up: NATS {where}, logs in {mesh.log_dir}. Ctrl-C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         import signal
@@ -161,8 +170,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
             ) from exc
         raise
     try:
-        names = {m.version: m.name for m in storage.migrations()}
-        applied = storage.migrate(ch)
+        migrated = storage.migrate(ch)
     except ClickHouseError as exc:
         raise TransientError(
             f"migrating {storage.redact_url(url)} failed: {exc}", storage.classify(exc)
@@ -171,10 +179,15 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             ch.close()
     where = storage.redact_url(url)
-    if not applied:
-        print(f"{where}: schema up to date (version {max(names, default=0)}); nothing applied")
-    for version in applied:
-        print(f"{where}: applied {version} {names.get(version, '')}".rstrip())
+    for m in migrated.applied:
+        print(f"{where}: applied {m.version} {m.name}")
+    if not migrated.applied:
+        print(f"{where}: schema up to date (version {migrated.version}); nothing applied")
+    for change in migrated.retention:
+        print(
+            f"{where}: {change.table} TTL {change.after or 'removed: rows are kept forever'}"
+            f" (was {change.before or 'none'})"
+        )
     return 0
 
 
@@ -196,6 +209,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"{args.file}: ok ({len(deployment.agents)} agents, {len(deployment.providers)} providers)"
     )
+    return 0
+
+
+async def cmd_ops(args: argparse.Namespace) -> int:
+    """ps, tree, inspect, kill, restart: asked of the leading supervisor."""
+    nc = await _connect(MeshSettings())
+    try:
+        result = await ops.admin(nc, args.command, getattr(args, "target", None))
+    finally:
+        await nc.close()
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command == "ps":
+        print(ops.render_ps(result))
+    elif args.command == "tree" or "children" in result:
+        print(ops.render_tree(result))
+    else:
+        print(ops.render_inspect(result))
     return 0
 
 
@@ -240,11 +271,26 @@ def _parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser(
         "migrate",
-        help="apply infra/clickhouse/*.sql not yet applied (BEAMLINE_CLICKHOUSE_URL, "
-        "default chdb://DATA_DIR/clickhouse)",
+        help="apply infra/clickhouse/*.sql not yet applied, then the retention TTLs "
+        "(BEAMLINE_RETENTION_BL_MESSAGES_DAYS, default 90; BEAMLINE_RETENTION_OTEL_TRACES_DAYS, "
+        "default 30; 0 keeps rows forever) to BEAMLINE_CLICKHOUSE_URL (default "
+        "chdb://DATA_DIR/clickhouse); refuses when an applied file has changed",
     )
     c = sub.add_parser("check", help="validate a deployment file")
     c.add_argument("file")
+    for command, text in (
+        ("ps", "every agent: supervisor, host, state, mailbox depth, step, restarts, tokens"),
+        ("tree", "the supervision tree with live states"),
+    ):
+        sub.add_parser(command, help=text).add_argument("--json", action="store_true")
+    for command, text in (
+        ("inspect", "one agent: its state, current message, queue and latest steps"),
+        ("kill", "kill a supervised agent (its supervisor decides what follows); recorded"),
+        ("restart", "restart an agent or a whole supervisor subtree; recorded"),
+    ):
+        op = sub.add_parser(command, help=text)
+        op.add_argument("target", help="an agent (or, for restart/inspect, a supervisor)")
+        op.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="run a small research team against fakellm and exit")
     mesh_flags(d)
     d.add_argument("--data-dir", default=".beamline/demo")
@@ -264,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "db": cmd_db_migrate,
         "check": cmd_check,
         "demo": cmd_demo,
+        **{command: cmd_ops for command in ("ps", "tree", "inspect", "kill", "restart")},
     }
     try:
         result = handlers[args.command](args)

@@ -133,7 +133,7 @@ class AdminReply(Wire):
     result: Any = None
 
 
-def parse(model: type[Wire], data: bytes, max_bytes: int = 1024 * 1024) -> Any:
+def parse(model: type[Wire], data: bytes, max_bytes: int = 256 * 1024) -> Any:
     """Decode a control message, or raise a CallerError naming what is wrong with it."""
     if len(data) > max_bytes:
         raise CallerError(

@@ -5,14 +5,17 @@ re-homed; a hung agent is killed and restarted; a standby supervisor takes over.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from beamline import subjects
+from beamline import nats_auth, subjects
 from beamline.client import await_reply, reply_text, submit
 from beamline.testing import wait_for
 from tests.integration.conftest import MeshFactory, MeshHandle
@@ -237,3 +240,57 @@ async def test_shutdown_timeout_then_brutal_kill(start_mesh: MeshFactory) -> Non
     assert stopped["outcome"] == "killed"
     reply = await await_reply(mesh.nc, conversation, timeout=30)  # nothing lost
     assert reply_text(reply) == "sleeper: slept 2.0"
+
+
+async def test_a_host_rejects_bad_control_commands_and_stays_up(start_mesh: MeshFactory) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    # only the supervisor's NATS user may publish control commands
+    nc = await mesh.connect_as(nats_auth.Role.SUPERVISOR, "test-as-supervisor")
+
+    async def command(name: str, body: bytes) -> dict[str, Any]:
+        reply = await nc.request(subjects.control("host-a", name), body, timeout=5)
+        answer: dict[str, Any] = json.loads(reply.data)
+        return answer
+
+    not_json = await command("start", b"{nope")
+    assert not not_json["ok"] and "not a valid StartAgents" in not_json["error"]
+    unknown = await command("start", b'{"term": 99, "agents": ["nobody"], "generations": [1]}')
+    assert not unknown["ok"] and "no agent named 'nobody'" in unknown["error"]
+    stale = await command("stop", b'{"term": 1, "agents": ["steady"], "timeout_s": 1}')
+    assert not stale["ok"] and "term 1" in stale["error"]  # the leader's term is higher now
+    assert not (await command("explode", b"{}"))["ok"]
+    oversized = await command("assign", b'{"term": 99, "shards": []' + b" " * 300_000 + b"}")
+    assert not oversized["ok"]
+    await nc.close()
+    health = json.loads((await mesh.nc.request(subjects.health("agent"), b"", timeout=5)).data)
+    assert health["ok"] and health["host"] == "host-a"
+
+
+async def test_the_cli_shows_ps_and_the_tree_and_names_unknown_agents(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+
+    async def beamline(*argv: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "beamline"),
+            *argv,
+            env={**os.environ, **mesh.mesh.env()},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+        return proc.returncode or 0, out.decode()
+
+    code, ps = await beamline("ps")
+    assert code == 0, ps
+    header, *rows = ps.splitlines()
+    assert header.split()[:4] == ["AGENT", "SUPERVISOR", "HOST", "STATE"]
+    assert any(r.split()[:4] == ["steady", "root", "host-a", "idle"] for r in rows)
+    code, tree = await beamline("tree")
+    assert code == 0 and tree.splitlines()[0].startswith("root (one_for_one, 0/10 restarts")
+    assert "└─ hot [running] on host-a" in tree
+    code, out = await beamline("kill", "nobody")
+    assert code == 2 and "no agent or supervisor named 'nobody'" in out
+    code, out = await beamline("restart", "steady", "--json")
+    assert code == 0 and json.loads(out)["generation"] == 2
