@@ -13,6 +13,7 @@ commands carrying a lower term than one they have obeyed, which fences a deposed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -61,7 +62,8 @@ class Lease:
                     )
             except Exception as exc:  # another standby won the race, or NATS hiccupped
                 log.debug("lease not taken", extra={"error": repr(exc)})
-            await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=self.lease_s / 10)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.lease_s / 10)
         return False
 
     async def renew(self) -> bool:
@@ -86,4 +88,4 @@ class Lease:
         return True
 
     def _value(self) -> bytes:
-        return json.dumps({"instance": self.instance, "term": self.term}).encode()
+        return json.dumps({"instance": self.instance}).encode()

@@ -46,3 +46,20 @@ async def test_a_standby_stops_waiting_when_told(nc: NATS) -> None:
     await asyncio.sleep(0.2)
     stop.set()
     assert await asyncio.wait_for(waiting, 5) is False
+
+
+async def test_standing_by_leaves_no_tasks_behind(nc: NATS) -> None:
+    """A standby polls ten times a lease; each poll must not leave a waiter task behind."""
+    kv = await nc.jetstream().key_value(subjects.BUCKET_SUPERVISOR)
+    stop = asyncio.Event()
+    leader = Lease(kv, "one", 1.0)
+    assert await leader.acquire(stop)
+    waiting = asyncio.create_task(Lease(kv, "two", 1.0).acquire(stop))
+    await asyncio.sleep(0.2)
+    before = len(asyncio.all_tasks())
+    for _ in range(6):  # ~12 polls of the standby, the lease renewed in time
+        await asyncio.sleep(0.2)
+        assert await leader.renew()
+    assert len(asyncio.all_tasks()) <= before
+    stop.set()
+    assert await asyncio.wait_for(waiting, 5) is False
