@@ -15,7 +15,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from beamline import bus, config, streams, subjects
-from beamline.control import ChildExit, HostHeartbeat, parse
+from beamline.control import ChildExit, ControlReply, HostHeartbeat, parse
 from beamline.errors import CallerError
 from beamline.events import EventSink
 from beamline.service import answer_health, crash_on_error
@@ -24,7 +24,7 @@ from services.supervisor.admin import Admin
 from services.supervisor.commands import HostCommands
 from services.supervisor.lease import Lease
 from services.supervisor.settings import SupervisorSettings
-from services.supervisor.supervision import SOURCE, ExitSeen, Supervision
+from services.supervisor.supervision import SOURCE, ExitSeen, Retry, Supervision
 
 log = logging.getLogger("beamline.supervisor")
 
@@ -58,10 +58,10 @@ async def main(stop: asyncio.Event) -> None:
         try:
             report: ChildExit = parse(ChildExit, msg.data)
         except CallerError as exc:
-            await msg.respond(f'{{"ok": false, "error": "{exc}"}}'.encode())
+            await msg.respond(ControlReply(ok=False, error=str(exc)).model_dump_json().encode())
             return
         sv.inbox.put_nowait(ExitSeen(report.agent, report.generation, report.exit, report.host))
-        await msg.respond(b'{"ok": true}')
+        await msg.respond(ControlReply().model_dump_json().encode())
 
     def status() -> dict[str, Any]:
         return {
@@ -106,16 +106,16 @@ async def _lead(sv: Supervision, lease: Lease, stop: asyncio.Event) -> None:
     ]
     for loop in loops:
         loop.add_done_callback(crash_on_error)
-    starting = asyncio.create_task(sv.lead(lease.term), name="lead")
+    sv.begin(lease.term)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([renewing, stopping], return_when=asyncio.FIRST_COMPLETED)
     if renewing.done():
         log.error("lease lost: another instance leads now; standing by", extra={"term": lease.term})
     sv.step_down()
-    for task in [renewing, stopping, starting, *loops]:
+    for task in [renewing, stopping, *loops]:
         task.cancel()
     with contextlib.suppress(BaseException):
-        await asyncio.gather(renewing, stopping, starting, *loops, return_exceptions=True)
+        await asyncio.gather(renewing, stopping, *loops, return_exceptions=True)
 
 
 async def _renew(lease: Lease) -> None:
@@ -139,7 +139,8 @@ async def _watch_hosts(sv: Supervision) -> None:
 
 
 async def _tick(sv: Supervision) -> None:
+    """Now and then, retry starts that found no host or no answer (through the inbox)."""
     while True:
         await asyncio.sleep(TICK_S)
-        if not sv.inbox.qsize():
-            await sv.tick()
+        if sv.pending and sv.inbox.empty():
+            sv.inbox.put_nowait(Retry())

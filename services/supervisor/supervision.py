@@ -82,7 +82,19 @@ class Operate:
     done: asyncio.Future[None]
 
 
-Input = ExitSeen | HostLost | HostJoined | Hung | Operate
+@dataclass(frozen=True)
+class Lead:
+    """This instance leads from now on: continue the recorded tree or start it."""
+
+    term: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Try again to start what found no host or no answer."""
+
+
+Input = Lead | ExitSeen | HostLost | HostJoined | Hung | Operate | Retry
 
 
 class Supervision:
@@ -149,10 +161,19 @@ class Supervision:
 
     # --- leading ------------------------------------------------------------------------
 
-    async def lead(self, term: int) -> None:
-        """Become the leader: continue the recorded tree, or start it afresh."""
+    def begin(self, term: int) -> None:
+        """Lead from now on. The tree is taken up by `run`, in turn with every other input,
+        so no decision ever runs beside another one."""
         self.commands.term = term
         self.leading = True
+        self.inbox.put_nowait(Lead(term))
+
+    def step_down(self) -> None:
+        self.leading = False
+        while not self.inbox.empty():  # what it would have decided is the next leader's
+            self.inbox.get_nowait()
+
+    async def _lead(self, term: int) -> None:
         self.events.emit_envelope(
             self._event(
                 "leader_elected", self.root or "-", instance=self.settings.instance_id, term=term
@@ -171,10 +192,6 @@ class Supervision:
         await asyncio.sleep(self.settings.settle_s)  # let the hosts announce themselves
         await self._place()
         await self._start_supervisor(self.root, parent=None)
-        self._changed()
-
-    def step_down(self) -> None:
-        self.leading = False
 
     async def run(self) -> None:
         """Handle inputs one at a time, in order, like an OTP supervisor's mailbox."""
@@ -204,13 +221,12 @@ class Supervision:
                 await asyncio.sleep(0.5)
             await asyncio.sleep(0.02)
 
-    async def tick(self) -> None:
-        """Periodic: retry starts that found no host or no answer."""
-        if self.pending:
-            await self._start_pending()
-
     async def _handle(self, item: Input) -> None:
         match item:
+            case Lead(term=term):
+                await self._lead(term)
+            case Retry():
+                await self._start_pending()
             case ExitSeen(agent=agent, generation=gen, exit=text, host=host):
                 if gen == self.generations.get(agent) and agent in self.parent:
                     await self._child_exited(self.parent[agent], agent, Exit.parse(text), host)

@@ -294,3 +294,31 @@ async def test_the_cli_shows_ps_and_the_tree_and_names_unknown_agents(
     assert code == 2 and "no agent or supervisor named 'nobody'" in out
     code, out = await beamline("restart", "steady", "--json")
     assert code == 0 and json.loads(out)["generation"] == 2
+
+
+async def test_the_supervisor_meets_bad_reports_and_requests_with_clear_errors(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    host = await mesh.connect_as(nats_auth.Role.AGENT, "test-as-host")
+    try:
+        await host.publish(subjects.heartbeat("host-z"), b"not a heartbeat")
+        bad_exit = json.loads((await host.request(subjects.CHILD_EXIT, b"{nope", timeout=5)).data)
+        assert not bad_exit["ok"] and "not a valid ChildExit" in bad_exit["error"]
+        # an exit of an incarnation the supervisor already replaced changes nothing
+        stale = b'{"host": "host-a", "agent": "steady", "generation": 0, "exit": "crash: old"}'
+        assert json.loads((await host.request(subjects.CHILD_EXIT, stale, timeout=5)).data)["ok"]
+    finally:
+        await host.close()
+    bad_admin = json.loads(
+        (await mesh.nc.request(subjects.admin("kill"), b"[1, 2", timeout=5)).data
+    )
+    assert not bad_admin["ok"] and "not a valid AdminRequest" in bad_admin["error"]
+    no_target = await admin(mesh, "inspect")
+    assert not no_target["ok"] and "needs a target agent" in no_target["error"]
+
+    health = json.loads((await mesh.nc.request(subjects.health("supervisor"), b"", timeout=5)).data)
+    assert health["role"] == "leader" and health["hosts"] == ["host-a"]  # host-z never joined
+    steady = next(r for r in (await admin(mesh, "ps"))["result"] if r["agent"] == "steady")
+    assert steady["generation"] == 1 and steady["restarts"] == 0
+    assert not named(await events(mesh), "child_exited")
