@@ -83,7 +83,6 @@ class Agent:
     queue: deque[Delivery] = field(default_factory=deque)
     running: bool = True
     generation: int = 0
-    restarts: int = 0
     on_exit: ExitReport | None = None  # set for supervised agents: crashes are reported
     processed: int = 0
     failed: int = 0
@@ -128,7 +127,6 @@ class Agent:
             queue=self.queue,
             running=False,
             generation=generation,
-            restarts=self.restarts + (1 if self.generation else 0),
             on_exit=self.on_exit,
             processed=self.processed,
             failed=self.failed,
@@ -152,7 +150,7 @@ class Agent:
         )
 
     def status(self) -> dict[str, Any]:
-        return {"role": self.spec.role, "restarts": self.restarts, **self.beat().model_dump()}
+        return {"role": self.spec.role, **self.beat().model_dump()}
 
     async def halt(self, timeout: float | None) -> StopOutcome:
         """Stop working (the supervisor's stop): finish the message in hand within `timeout`

@@ -30,6 +30,7 @@ class TreeRecord(BaseModel):
     term: int = 0
     supervisors: dict[str, SupervisorRecord] = Field(default_factory=dict)  # the live ones
     generations: dict[str, int] = Field(default_factory=dict)
+    restarts: dict[str, int] = Field(default_factory=dict)  # per agent, by its supervisor
     shards: dict[int, str] = Field(default_factory=dict)
     pinned: dict[str, str] = Field(default_factory=dict)
 

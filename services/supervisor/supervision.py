@@ -126,7 +126,7 @@ class Supervision:
         self.hosts = HostTable(settings.heartbeat_misses)
         self.states: dict[str, SupervisorState] = {}  # the supervisors that are up
         self.generations: dict[str, int] = {}
-        self.restarts: dict[str, int] = {}  # per agent, since this leader started
+        self.restarts: dict[str, int] = {}  # per agent: the restarts its supervisor decided
         self.shards: dict[int, str] = {}
         self.pinned: dict[str, str] = {}
         self.pending: set[str] = set()  # to run, but not started on a host yet
@@ -261,7 +261,8 @@ class Supervision:
             case Restarted(terminate=terminate, start=start, reason=reason):
                 await self._stop(terminate)
                 await self._start(start)
-                self.restarts[child] = self.restarts.get(child, 0) + 1
+                for restarted in start:  # the crashed child and the siblings of its group
+                    self.restarts[restarted] = self.restarts.get(restarted, 0) + 1
                 self._emit(
                     "child_restarted",
                     sup,
@@ -569,6 +570,7 @@ class Supervision:
                 for name, st in self.states.items()
             },
             generations=dict(self.generations),
+            restarts=dict(self.restarts),
             shards=dict(self.shards),
             pinned=dict(self.pinned),
         )
@@ -595,6 +597,7 @@ class Supervision:
             window = RestartIntensity(spec.intensity, spec.period, sup.restarts)
             self.states[name] = SupervisorState(name, spec.strategy, children, window)
         self.generations = dict(saved.generations)
+        self.restarts = dict(saved.restarts)
         self.shards = {int(k): h for k, h in saved.shards.items()}
         self.pinned = dict(saved.pinned)
         return True

@@ -175,6 +175,7 @@ async def test_standby_takes_over_without_restarting_healthy_agents(
     standby = mesh.mesh.spawn(
         "supervisor-2", "services.supervisor", {"BEAMLINE_SUPERVISOR_INSTANCE_ID": "sup-2"}
     )
+    assert (await admin(mesh, "kill", "steady"))["ok"]  # a restart the standby must know of
     before = {r["agent"]: r["generation"] for r in (await admin(mesh, "ps"))["result"]}
     mesh.mesh.process("supervisor").kill()  # kill -9 the leader
 
@@ -188,8 +189,10 @@ async def test_standby_takes_over_without_restarting_healthy_agents(
 
     await wait_for(sup2_leads, timeout=10, what="the standby to lead")
     assert standby.alive()
-    after = {r["agent"]: r["generation"] for r in (await admin(mesh, "ps"))["result"]}
+    rows = (await admin(mesh, "ps"))["result"]
+    after = {r["agent"]: r["generation"] for r in rows}
     assert after == before  # nothing healthy was restarted
+    assert next(r for r in rows if r["agent"] == "steady")["restarts"] == 1  # from the record
     assert [e["instance"] for e in named(await events(mesh), "leader_elected")] == [
         "sup-1",
         "sup-2",
