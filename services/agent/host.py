@@ -22,7 +22,7 @@ from beamline.config import Deployment
 from beamline.control import AgentState, ChildExit, HostHeartbeat, StopOutcome
 from beamline.errors import CallerError, Reason
 from beamline.ids import new_span_id
-from services.agent.mailbox import Mailbox, MailboxAck, Shard
+from services.agent.mailbox import Mailbox, MailboxAck, MailboxConsumer
 from services.agent.runner import Agent, HostContext
 from services.agent.settings import AgentHostSettings
 
@@ -55,12 +55,12 @@ class Host:
                 agent.on_exit = self._report_exit
                 agent.state = AgentState.STOPPED
             self.agents[spec.name] = agent
-        self.shards: dict[int, Shard] = {}
-        self.pinned: dict[str, Shard] = {}
+        self.shards: dict[int, MailboxConsumer] = {}
+        self.pinned: dict[str, MailboxConsumer] = {}
         self.term = 0
         self.taking = True
         self._reports: set[asyncio.Task[None]] = set()
-        # crash -> successor started, per restart: what `make bench` reports
+        # crash -> successor started, per restart (ms), shown in the health status
         self.restart_ms: deque[float] = deque(maxlen=10_000)
 
     # --- mailboxes ------------------------------------------------------------------
@@ -86,7 +86,7 @@ class Host:
             return agent in self.pinned
         return subjects.shard_of(agent, self.total_shards) in self.shards
 
-    async def _converge(self, have: dict[Any, Shard], want: dict[Any, Mailbox]) -> None:
+    async def _converge(self, have: dict[Any, MailboxConsumer], want: dict[Any, Mailbox]) -> None:
         for key in [k for k in have if k not in want]:
             shard = have.pop(key)
             await shard.stop_taking()
@@ -96,7 +96,7 @@ class Host:
             if key in have:
                 continue
             elsewhere = self.pinned_names if isinstance(key, int) else ()
-            shard = Shard(
+            shard = MailboxConsumer(
                 self.ctx.js, mailbox, self.agents.get, self.settings, self.max_bytes, elsewhere
             )
             await shard.open()
@@ -104,14 +104,14 @@ class Host:
                 await shard.start()
             have[key] = shard
 
-    def _forget_queued(self, shard: Shard) -> None:
+    def _forget_queued(self, shard: MailboxConsumer) -> None:
         """Drop waiting deliveries of a released mailbox: its new owner has them now."""
         for agent in self.agents.values():
             for delivery in list(agent.queue)[1 if agent.busy else 0 :]:
                 if isinstance(delivery.msg, MailboxAck) and delivery.msg.shard is shard:
                     agent.queue.remove(delivery)
 
-    def mailboxes(self) -> list[Shard]:
+    def mailboxes(self) -> list[MailboxConsumer]:
         return [*self.shards.values(), *self.pinned.values()]
 
     # --- the supervisor's commands ----------------------------------------------------

@@ -1,11 +1,14 @@
-"""Mailbox shards: one durable push consumer per shard feeds the agents of that shard.
+"""Mailbox consumers: one durable push consumer per shard feeds the agents of that shard,
+and one per pinned agent (placement labels) feeds that agent alone.
 
 The host that owns a shard receives its messages in stream order and hands each to its
 agent's queue; the message stays unacknowledged until the agent is done with it, and the
 server stops delivering when `max_ack_pending` messages are in hand. Push, not pull: pull
 `fetch` waits to fill a batch, which adds up to its timeout of latency to a trickle.
 
-On start, a shard whose previous owner died with messages in hand is rewound to its ack
+A host that takes a consumer over (at start, or when the supervisor re-homes a shard) binds
+it to its own deliver subject, so the previous owner, if still alive, gets nothing more.
+A consumer whose previous owner died with messages in hand is rewound to its ack
 floor, so they are redelivered at once instead of after ack_wait; messages already finished
 are recognised from the journal and only acknowledged. A rewound consumer counts deliveries
 from one again, so the deliveries of dead owners are counted in the BL_ATTEMPTS bucket: a
@@ -61,7 +64,9 @@ class Mailbox:
         )
 
 
-class Shard:
+class MailboxConsumer:
+    """Receives one mailbox's messages and hands each to its agent, unacknowledged."""
+
     def __init__(
         self,
         js: JetStreamContext,
@@ -180,7 +185,7 @@ class Shard:
 class MailboxAck:
     """Acknowledges the mailbox message and forgets it in the shard's in-flight table."""
 
-    def __init__(self, msg: Msg, shard: Shard) -> None:
+    def __init__(self, msg: Msg, shard: MailboxConsumer) -> None:
         self.msg, self.shard = msg, shard
 
     async def ack(self) -> None:
