@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,78 +15,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from beamline import bus, rows, spans
+from beamline import spans
 from beamline.envelope import (
-    ChatMessage,
-    Envelope,
-    Kind,
-    LLMResponsePayload,
-    ReplyPayload,
-    TaskPayload,
     ToolResultPayload,
-    Usage,
 )
 from beamline.errors import ConfigError
 from services.recorder import otlp
 from services.recorder.settings import RecorderSettings
+from tests.span_samples import col, conversation, row
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318/"}
-T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
-
-
-def row(env: Envelope) -> list[Any]:
-    return rows.envelope_row(
-        bus.encode(env),
-        subject="bl.x",
-        stream="BL_JOURNAL",
-        stream_seq=1,
-        max_message_bytes=10**6,
-        stream_ts_ns=0,
-    )
-
-
-def col(span: Sequence[Any], name: str) -> Any:
-    return span[spans.COLUMNS.index(name)]
-
-
-def conversation() -> tuple[Envelope, Envelope, Envelope, Envelope]:
-    """A task (with a caller's parent span), an LLM call, its tool call, the reply."""
-    task = Envelope(
-        kind=Kind.TASK,
-        sender="user",
-        recipient="role:analysis",
-        conversation_id="conv-1",
-        parent_span_id="a" * 16,
-        payload=TaskPayload(prompt="what does it cost?"),
-        ts=T0,
-    )
-    llm = task.child(
-        LLMResponsePayload(
-            request_id="req-1",
-            provider="fakellm",
-            model="m1",
-            message=ChatMessage(role="assistant", content="calling"),
-            finish_reason="tool_calls",
-            latency_ms=250.5,
-        ),
-        sender="gateway.fakellm",
-        recipient="analyst",
-        usage=Usage(input_tokens=120, output_tokens=7),
-        ts=T0 + timedelta(seconds=1),
-    )
-    tool = llm.child(
-        ToolResultPayload(call_id="call-1", name="calculator", result="0.5", duration_ms=1.25),
-        sender="tool.calculator",
-        recipient="analyst",
-        ts=T0 + timedelta(seconds=1, milliseconds=10),
-    )
-    reply = task.child(
-        ReplyPayload(task_id=task.id, text="0.5"),
-        sender="analyst",
-        recipient="user",
-        ts=T0 + timedelta(seconds=3),
-    )
-    return task, llm, tool, reply
 
 
 def test_the_endpoint_follows_the_opentelemetry_variables() -> None:
