@@ -2,8 +2,8 @@
 
 Prints a table and writes bench/results/latest.json. Sized for a 2-core machine.
 
-`python -m bench NAME...` runs only the benches named (e2e, recorder, trace_lookup,
-recorder_lag) and updates their figures in latest.json, keeping the others.
+`python -m bench NAME...` runs only the benches named (e2e, restart, recorder,
+trace_lookup, recorder_lag) and updates their figures in latest.json, keeping the others.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from beamline import bus, streams
-from beamline.runtime import Mesh, RuntimeOptions
-from beamline.settings import MeshSettings
-from beamline.testing import NatsServer, free_port
-from bench import e2e, recorder, recorder_lag
+from beamline import bus
+from bench import e2e, recorder, recorder_lag, restart
+from bench.local_nats import local_mesh, local_nats
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,28 +34,14 @@ RECORDER_ROWS = int(os.environ.get("BENCH_RECORDER_ROWS", "100000"))
 
 async def bench_e2e(work: Path) -> dict[str, Any]:
     config, script = e2e.write_inputs(work)
-    settings = MeshSettings(data_dir=work / "mesh", config=config)
-    options = RuntimeOptions(
-        nats_port=free_port(),
-        monitor_port=free_port(),
-        fakellm_port=free_port(),
-        fakellm_script=script,
-        extra_env={"BEAMLINE_LOG_LEVEL": "WARNING"},
-    )
-    mesh = Mesh(settings, options)
-    await mesh.start()
-    try:
-        nc = await bus.connect(mesh.nats_url, "bench")
-        try:
-            await e2e.e2e_tasks_per_s(nc, 200)  # warm up: imports, connections, caches
-            result = await e2e.e2e_tasks_per_s(nc, E2E_TASKS)
-            result.update(await e2e.raw_js_consume_own_server(E2E_TASKS * 10))
-            fakellm = f"http://127.0.0.1:{options.fakellm_port}"
-            result.update(await e2e.raw_http_per_s(fakellm, min(E2E_TASKS, 2000)))
-        finally:
-            await nc.close()
-    finally:
-        mesh.stop()
+    async with local_mesh(work, config, script) as (mesh, nc):
+        await e2e.e2e_tasks_per_s(nc, 200)  # warm up: imports, connections, caches
+        result = await e2e.e2e_tasks_per_s(nc, E2E_TASKS)
+        # raw JetStream on a server of its own: the mesh's users touch only its streams
+        async with local_nats(work / "raw") as (_, raw_nc):
+            result.update(await e2e.raw_js_consume_per_s(raw_nc, E2E_TASKS * 10))
+        fakellm = f"http://127.0.0.1:{mesh.options.fakellm_port}"
+        result.update(await e2e.raw_http_per_s(fakellm, min(E2E_TASKS, 2000)))
     result["e2e_ratio_vs_raw"] = round(
         result["e2e_tasks_per_s"] / result["raw_js_consume_per_s"], 4
     )
@@ -67,19 +51,10 @@ async def bench_e2e(work: Path) -> dict[str, Any]:
 
 
 async def bench_recorder(work: Path) -> dict[str, Any]:
-    server = NatsServer(port=free_port(), store=work / "nats", log_dir=work / "logs")
-    server.start()
-    try:
-        nc = await bus.connect(server.url, "bench")
-        try:
-            await streams.ensure_streams(nc.jetstream(), MeshSettings().mailbox_shards)
-            payloads = [bus.encode(recorder.event(i)) for i in range(RECORDER_ROWS)]
-            result = await recorder.recorder_rows_per_s(nc, server.url, work, RECORDER_ROWS)
-            result.update(await recorder.raw_js_receive_per_s(nc, RECORDER_ROWS))
-        finally:
-            await nc.close()
-    finally:
-        server.kill()
+    async with local_nats(work) as (server, nc):
+        payloads = [bus.encode(recorder.event(i)) for i in range(RECORDER_ROWS)]
+        result = await recorder.recorder_rows_per_s(nc, server.url, work, RECORDER_ROWS)
+        result.update(await recorder.raw_js_receive_per_s(nc, RECORDER_ROWS))
     result.update(await asyncio.to_thread(recorder.raw_insert_rows_per_s, work, payloads))
     result["recorder_ratio_vs_raw"] = round(
         result["recorder_rows_per_s"] / result["raw_insert_rows_per_s"], 3
@@ -110,29 +85,34 @@ async def bench_trace_lookup(work: Path) -> dict[str, Any]:
 
 
 async def bench_recorder_lag(work: Path) -> dict[str, Any]:
-    server = NatsServer(port=free_port(), store=work / "nats", log_dir=work / "logs")
-    server.start()
-    try:
-        nc = await bus.connect(server.url, "bench")
-        try:
-            await streams.ensure_streams(nc.jetstream(), MeshSettings().mailbox_shards)
-            result = await recorder_lag.recorder_lag(nc, server.url, work)
-            # the same envelopes, now stored in BL_EVENTS, read by raw nats-py
-            count = min(int(recorder_lag.RATE * recorder_lag.SECONDS), RECORDER_ROWS)
-            raw = await recorder.raw_js_receive_per_s(nc, count)
-            result["recorder_lag_raw_receive_per_s"] = raw["raw_js_receive_per_s"]
-        finally:
-            await nc.close()
-    finally:
-        server.kill()
+    async with local_nats(work) as (server, nc):
+        result = await recorder_lag.recorder_lag(nc, server.url, work)
+        # the same envelopes, now stored in BL_EVENTS, read by raw nats-py
+        count = min(int(recorder_lag.RATE * recorder_lag.SECONDS), RECORDER_ROWS)
+        raw = await recorder.raw_js_receive_per_s(nc, count)
+        result["recorder_lag_raw_receive_per_s"] = raw["raw_js_receive_per_s"]
     result["recorder_lag_rate_vs_raw_receive"] = round(
         result["recorder_lag_publish_per_s"] / result["recorder_lag_raw_receive_per_s"], 3
     )
     return result
 
 
+async def bench_restart(work: Path) -> dict[str, Any]:
+    config, script = restart.write_inputs(work)
+    crashes = int(os.environ.get("BENCH_RESTART_CRASHES", restart.CRASHES_DEFAULT))
+    async with local_mesh(work, config, script, BEAMLINE_SUPERVISOR_SETTLE_S="0.2") as (_, nc):
+        result = await restart.restart_ms(nc, crashes)
+    result.update(await restart.asyncio_restart_ms(crashes))
+    result["restart_ratio_vs_asyncio"] = round(
+        result["restart_p50_ms"] / result["asyncio_restart_p50_ms"], 1
+    )
+    result["restart_target"] = "p50 <= 2 ms"
+    return result
+
+
 BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
     "e2e": bench_e2e,
+    "restart": bench_restart,
     "recorder": bench_recorder,
     "trace_lookup": bench_trace_lookup,
     "recorder_lag": bench_recorder_lag,

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
 from beamline import bus, subjects
 from beamline.envelope import Envelope, Kind, TaskPayload
-from beamline.testing import NatsServer, free_port
 
 AGENTS = 200
 
@@ -74,22 +71,6 @@ async def e2e_tasks_per_s(nc: NATS, count: int) -> dict[str, Any]:
         "e2e_tasks": count,
         "e2e_seconds": round(elapsed, 2),
     }
-
-
-async def raw_js_consume_own_server(count: int) -> dict[str, Any]:
-    """The raw baseline on a nats-server of its own, same binary and machine: the mesh's
-    server only lets each user touch Beamline's own streams."""
-    with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(port=free_port(), store=Path(tmp) / "nats", log_dir=Path(tmp) / "logs")
-        server.start()
-        try:
-            nc = await nats.connect(server.url)
-            try:
-                return await raw_js_consume_per_s(nc, count)
-            finally:
-                await nc.close()
-        finally:
-            server.kill()
 
 
 async def raw_js_consume_per_s(nc: NATS, count: int) -> dict[str, Any]:
