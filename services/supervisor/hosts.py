@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from beamline.control import AgentBeat, HostHeartbeat
+from beamline.control import HostHeartbeat
 
 
 @dataclass
@@ -56,7 +56,3 @@ class HostTable:
 
     def labels(self) -> dict[str, dict[str, str]]:
         return {name: view.labels for name, view in self.hosts.items()}
-
-    def beats(self) -> dict[str, AgentBeat]:
-        """Busy (or dead) agents as their hosts last reported them."""
-        return {b.agent: b for view in self.hosts.values() for b in view.beat.busy}

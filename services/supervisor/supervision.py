@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 from beamline import subjects
 from beamline.config import Deployment
 from beamline.control import AgentState, HostHeartbeat
+from beamline.envelope import Envelope
 from beamline.events import EventSink, event_envelope
 from beamline.tree import BRUTAL_KILL, INFINITY, ChildSpec, SupervisorSpec
 from services.supervisor import record
@@ -501,9 +502,6 @@ class Supervision:
 
     # --- views -------------------------------------------------------------------------------
 
-    def supervisor_of(self, agent: str) -> str | None:
-        return self.parent.get(agent)
-
     def host_of(self, agent: str) -> str | None:
         return self._host_of(agent)
 
@@ -630,7 +628,7 @@ class Supervision:
     def _changed(self) -> None:
         self._dirty.set()
 
-    def _event(self, name: str, recipient: str, **data: Any) -> Any:
+    def _event(self, name: str, recipient: str, **data: Any) -> Envelope:
         return event_envelope(
             SOURCE, name, data, recipient=recipient, conversation_id=self.root or SOURCE
         )

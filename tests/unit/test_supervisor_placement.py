@@ -64,4 +64,4 @@ def test_busy_agents_are_known_from_heartbeats() -> None:
     table = HostTable()
     busy = AgentBeat(agent="x", state=AgentState.WAITING_ON_LLM, progress_age_s=3)
     table.seen(HostHeartbeat(host="a", incarnation="i", busy=(busy,)), now=0)
-    assert table.beats()["x"].progress_age_s == 3
+    assert table.hosts["a"].beat.busy[0].progress_age_s == 3
