@@ -325,3 +325,30 @@ async def test_the_supervisor_meets_bad_reports_and_requests_with_clear_errors(
     steady = next(r for r in (await admin(mesh, "ps"))["result"] if r["agent"] == "steady")
     assert steady["generation"] == 1 and steady["restarts"] == 0
     assert not named(await events(mesh), "child_exited")
+
+
+async def test_the_tree_survives_a_nats_restart_and_supervises_after_it(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    mesh.mesh.process("nats-server").kill()  # kill -9: JetStream recovers from its store
+    await mesh.mesh.respawn("nats-server")
+    await wait_for(lambda: mesh.nc.is_connected, timeout=20, what="test client reconnected")
+
+    attempts = iter(range(100))
+
+    async def crash_restarted() -> bool:
+        key = f"after-nats-{next(attempts)}"  # a fresh key crashes once more
+        conversation = await submit(mesh.nc, subjects.inbox("crasher"), key)
+        reply = await await_reply(mesh.nc, conversation, timeout=15)
+        return reply_text(reply) == f"crasher: survived {key}"
+
+    # NATS was gone for longer than a lease and than the heartbeat window: the leader lost
+    # its lease and the host looked lost; once NATS is back, one leads again, the host
+    # rejoins, and a crash is restarted as before
+    assert await wait_for(crash_restarted, timeout=60, interval=0.5, what="a supervised reply")
+    assert named(await events(mesh), "child_restarted", "crasher")
+    health = json.loads((await mesh.nc.request(subjects.health("supervisor"), b"", timeout=5)).data)
+    assert health["role"] == "leader" and health["hosts"] == ["host-a"]
+    for name in ("supervisor", "agent", "gateway", "recorder"):
+        assert mesh.mesh.process(name).alive(), mesh.logs(name)[-2000:]
