@@ -465,11 +465,15 @@ class Supervision:
             log.warning("assignment not confirmed", extra={"host": host, "error": str(exc)})
 
     async def _reconcile(self) -> None:
-        """After taking over: re-home what lived on hosts that are gone; start what waits."""
+        """After taking over from the record: re-home what lived on hosts that are gone,
+        give every live host what it owns now (hosts seen while standing by never 'joined'),
+        and start what the record left without a host (waiting is not recorded)."""
         live = set(self.hosts.live())
         for host in sorted(set(self.shards.values()) | set(self.pinned.values())):
             if host not in live:
                 await self._host_lost(host, restarted=False)
+        self.pending.update(a for a in self.order if self._host_of(a) is None)
+        await self._place(always=live)
         await self._start_pending()
 
     # --- operators --------------------------------------------------------------------------
