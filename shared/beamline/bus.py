@@ -16,7 +16,7 @@ from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
-from beamline import nats_auth, subjects
+from beamline import nats_auth, nats_credentials, subjects
 from beamline.envelope import Envelope
 from beamline.errors import CallerError, Reason, TransientError
 
@@ -122,7 +122,7 @@ def _refusal(where: str, user: str | None) -> str:
 async def connect(
     url: str,
     name: str,
-    credentials: nats_auth.Credentials | None = None,
+    credentials: nats_credentials.Credentials | None = None,
     give_up_s: float | None = None,
 ) -> NATS:
     """Connect and keep reconnecting forever: a restarted NATS server is a pause, not a crash.
@@ -133,7 +133,7 @@ async def connect(
     backoff. With `give_up_s` (a CLI command), raise TransientError at the first refusal,
     or when nothing answered within `give_up_s`.
     """
-    servers, who = nats_auth.resolve(url, credentials)
+    servers, who = nats_credentials.resolve(url, credentials)
     user = who.user if who else None
     where = ", ".join(servers)
     refusals = 0

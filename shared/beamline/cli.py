@@ -24,7 +24,7 @@ from beamline import (
     client,
     config,
     logview,
-    nats_auth,
+    nats_credentials,
     ops,
     query,
     reads,
@@ -50,7 +50,7 @@ async def _connect(settings: MeshSettings) -> NATS:
     """Connect as the user BEAMLINE_NATS_USER or the URL names, else as the operator of the
     embedded mesh in the data directory. bus.connect retries forever, as services should; a
     CLI command gives up after 10 s and says why (no answer, or credentials refused)."""
-    operator = nats_auth.embedded_admin(settings)
+    operator = nats_credentials.embedded_admin(settings)
     return await bus.connect(settings.nats_url, "beamline-cli", operator, give_up_s=10)
 
 
@@ -58,7 +58,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     mesh = Mesh(MeshSettings(), _mesh_options(args))
     try:
         await mesh.start()
-        where = nats_auth.without_credentials(mesh.nats_url)  # a password is never printed
+        where = nats_credentials.without_credentials(mesh.nats_url)  # a password is never printed
         print(f"Beamline is up: NATS {where}, logs in {mesh.log_dir}. Ctrl-C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from nats.aio.client import Client as NATS
 
-from beamline import bus, nats_auth, streams, subjects
+from beamline import bus, nats_auth, nats_credentials, streams, subjects
 from beamline.process import Process, nats_server_binary, start_process
 from beamline.settings import MeshSettings
 
@@ -53,7 +53,7 @@ class Mesh:
     def env(self) -> dict[str, str]:
         env = {
             # without the operator's credentials: each service connects as its role (_spawn)
-            "BEAMLINE_NATS_URL": nats_auth.without_credentials(self.nats_url),
+            "BEAMLINE_NATS_URL": nats_credentials.without_credentials(self.nats_url),
             "BEAMLINE_DATA_DIR": str(self.settings.data_dir.resolve()),
             "BEAMLINE_CONFIG": str(self.settings.config.resolve()),
             "BEAMLINE_CLICKHOUSE_URL": self.settings.resolved_clickhouse_url,
@@ -90,10 +90,10 @@ class Mesh:
         module = argv[argv.index("-m") + 1] if "-m" in argv else name
         mesh = None
         if not self.options.external_nats_url:
-            mesh = nats_auth.MeshCredentials.load(
+            mesh = nats_credentials.MeshCredentials.load(
                 self.settings.data_dir / nats_auth.CREDENTIALS_FILE
             )
-        user = nats_auth.service_env(module.removeprefix("services."), mesh)
+        user = nats_credentials.service_env(module.removeprefix("services."), mesh)
         return start_process(name, argv, {**self.env(), **user, **(extra or {})}, self.log_dir)
 
     def _start_nats(self) -> None:
@@ -108,10 +108,10 @@ class Mesh:
         # the same users and rights as the containers, with new random passwords each start;
         # both files hold them, so only this OS user may read either
         users = nats_auth.default_users()
-        credentials = nats_auth.MeshCredentials.generate(url, users)
+        credentials = nats_credentials.MeshCredentials.generate(url, users)
         credentials.save(self.settings.data_dir / nats_auth.CREDENTIALS_FILE)
         conf = self.settings.data_dir / "nats.conf"
-        nats_auth.write_private(
+        nats_credentials.write_private(
             conf,
             f'listen: "127.0.0.1:{port}"\n'
             f'http: "127.0.0.1:{self.options.monitor_port}"\n'
@@ -122,7 +122,9 @@ class Mesh:
         self.processes.append(self._spawn("nats-server", [nats_server_binary(), "-c", str(conf)]))
         # this process's own connections (streams, health checks; the demo's and the tests'
         # clients) are the operator's: `admin`, carried in the URL that env() strips
-        self.nats_url = nats_auth.with_credentials(url, credentials.for_user(nats_auth.Role.ADMIN))
+        self.nats_url = nats_credentials.with_credentials(
+            url, credentials.for_user(nats_auth.Role.ADMIN)
+        )
         _wait_port(port, self.processes[-1], 15)
 
     async def _start_fakellm(self) -> None:

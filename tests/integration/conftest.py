@@ -12,12 +12,12 @@ import httpx
 import pytest
 from nats.aio.client import Client as NATS
 
-from beamline import bus, nats_auth
+from beamline import bus, nats_auth, nats_credentials
+from beamline.process import Process
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 from beamline.testing import (
     NatsServer,
-    Process,
     containers,
     free_port,
     mesh_env,
@@ -54,7 +54,7 @@ class MeshHandle:
     async def connect_as(self, role: nats_auth.Role, name: str) -> NATS:
         """A connection as one service role's NATS user (e.g. the only one that may publish
         supervisor events or control commands); the caller closes it."""
-        users = nats_auth.MeshCredentials.load(
+        users = nats_credentials.MeshCredentials.load(
             self.mesh.settings.data_dir / nats_auth.CREDENTIALS_FILE
         )
         credentials = users.for_user(role) if users else None

@@ -27,7 +27,8 @@ from pydantic import SecretStr
 from beamline import bus, client, nats_auth, streams, subjects
 from beamline.envelope import Envelope, Kind, ReplyPayload
 from beamline.errors import TransientError
-from beamline.nats_auth import Credentials, Role
+from beamline.nats_auth import Role
+from beamline.nats_credentials import Credentials
 from beamline.settings import MeshSettings
 from beamline.testing import NatsServer, free_port, mesh_env, start_service, wait_for
 
