@@ -19,7 +19,7 @@ import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError, create_model
 
@@ -70,10 +70,17 @@ class Tool:
 _REGISTRY: dict[str, Tool] = {}
 
 
-def tool(func: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def tool(func: F, *, name: str | None = None) -> F: ...
+@overload
+def tool(func: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+def tool(func: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
     """Register a function as a tool agents can call. Usable as `@tool` or `@tool(name=...)`."""
 
-    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+    def register(f: F) -> F:
         tool_name = name or f.__name__
         fields: dict[str, Any] = {}
         for pname, param in inspect.signature(f).parameters.items():

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from beamline.testing import Process, free_port, start_service, wait_for
+from beamline.process import Process
+from beamline.testing import free_port, start_service, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

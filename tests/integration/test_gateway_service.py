@@ -28,7 +28,8 @@ from beamline.envelope import (
     ToolCall,
     ToolSpec,
 )
-from beamline.testing import NatsServer, Process, free_port, mesh_env, start_service, wait_for
+from beamline.process import Process
+from beamline.testing import NatsServer, free_port, mesh_env, start_service, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

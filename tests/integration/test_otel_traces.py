@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,7 @@ async def test_a_redelivered_batch_adds_no_duplicate_spans(
     assert status["duplicates_skipped"] > 0  # the stored messages were delivered again
     found = await wait_for(lambda: spans_of(nc, "otel-redelivery", 4), timeout=20, what="spans")
     for conv in ("otel-redelivery", "otel-redelivery-2"):
-        found = await wait_for(lambda c=conv: spans_of(nc, c, 4), timeout=20, what="spans")
+        found = await wait_for(partial(spans_of, nc, conv, 4), timeout=20, what="spans")
         counts = (await query.query(nc, COUNT_SQL, {"c": conv})).rows[0]
         assert counts[0] == counts[1] == 4, found
         assert_one_trace_with_parents(found)

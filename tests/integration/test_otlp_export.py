@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -281,7 +282,7 @@ async def test_a_hanging_otlp_endpoint_holds_back_no_ack_and_no_stop(
     assert otlp.hanging, "the export request is still open"
     assert status["exported_spans"] == 0 and status["queued"] == 4, status
     for conv in ("otlp-hang-1", "otlp-hang-2", "otlp-hang-3"):
-        assert await wait_for(lambda c=conv: stored_spans(nc, c), timeout=10) == 4
+        assert await wait_for(partial(stored_spans, nc, conv), timeout=10) == 4
 
     # SIGTERM while the request still hangs: the recorder gives the export its stop
     # timeout, then exits cleanly

@@ -18,6 +18,7 @@ async def test_shard_of_matches_the_servers_partition_transform(nc: NATS) -> Non
     stored = {}
     for seq in range(1, len(names) + 1):
         msg = await js.get_msg(subjects.STREAM_MAILBOX, seq)
+        assert msg.subject is not None
         _, _, shard, agent = msg.subject.split(".")
         stored[agent] = int(shard)
     assert stored == {name: subjects.shard_of(name, shards) for name in names}

@@ -43,8 +43,8 @@ from pydantic_settings import BaseSettings
 
 from beamline import config, nats_auth
 from beamline.errors import ConfigError
+from beamline.process import nats_server_binary
 from beamline.storage import SCHEMA_DIR_ENV
-from beamline.testing import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -546,7 +546,8 @@ def test_the_schema_rejects_a_broken_copy(tmp_path: Path, old: str, new: str, me
 
 
 def _services(c: Compose) -> dict[str, Any]:
-    return c["services"]
+    services: dict[str, Any] = c["services"]
+    return services
 
 
 def _each_env(c: Compose) -> Iterator[dict[str, Any]]:

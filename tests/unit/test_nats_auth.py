@@ -9,17 +9,19 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from beamline import nats_auth, subjects
+from beamline import nats_auth, nats_credentials, subjects
 from beamline.bus import refused_delay
 from beamline.errors import CallerError
-from beamline.nats_auth import Credentials, MeshCredentials, Role, User
+from beamline.nats_auth import Role, User
+from beamline.nats_credentials import Credentials, MeshCredentials
+from beamline.process import nats_server_binary
 from beamline.runtime import SERVICES
 from beamline.settings import MeshSettings
-from beamline.testing import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "infra/nats/auth.conf"
@@ -153,12 +155,12 @@ def test_services_answer_requests_into_inboxes_only() -> None:
 def test_every_embedded_service_runs_as_a_role() -> None:
     assert set(SERVICES) <= set(nats_auth.SERVICE_ROLES)
     mesh = MeshCredentials.generate("nats://127.0.0.1:1", USERS)
-    env = nats_auth.service_env("gateway", mesh)
+    env = nats_credentials.service_env("gateway", mesh)
     assert env == {
         "BEAMLINE_NATS_USER": "gateway",
         "BEAMLINE_NATS_PASSWORD": mesh.passwords["gateway"].get_secret_value(),
     }
-    assert nats_auth.service_env("fakellm", mesh) == {}  # HTTP only, no NATS user
+    assert nats_credentials.service_env("fakellm", mesh) == {}  # HTTP only, no NATS user
 
 
 def test_a_user_name_must_be_a_subject_token() -> None:
@@ -223,8 +225,8 @@ def test_the_cli_uses_the_embedded_operator_only_for_that_meshs_url(
     mesh = MeshCredentials.generate("nats://127.0.0.1:4222", USERS)
     mesh.save(tmp_path / nats_auth.CREDENTIALS_FILE)
 
-    def admin(url: str, **kw: object) -> Credentials | None:
-        return nats_auth.embedded_admin(MeshSettings(nats_url=url, data_dir=tmp_path, **kw))
+    def admin(url: str, **kw: Any) -> Credentials | None:
+        return nats_credentials.embedded_admin(MeshSettings(nats_url=url, data_dir=tmp_path, **kw))
 
     found = admin("nats://127.0.0.1:4222")
     assert found is not None and found.user == "admin"
@@ -239,20 +241,20 @@ def test_credentials_come_from_the_argument_then_the_url_then_the_environment(
     monkeypatch.setenv("BEAMLINE_NATS_USER", "gateway")
     monkeypatch.setenv("BEAMLINE_NATS_PASSWORD", "from-env")
     url = "nats://admin:from-url@127.0.0.1:4222,nats://127.0.0.1:4223"
-    servers, who = nats_auth.resolve(url)
+    servers, who = nats_credentials.resolve(url)
     assert servers == ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]  # no password left
     assert who is not None and (who.user, who.password.get_secret_value()) == ("admin", "from-url")
-    _, who = nats_auth.resolve("nats://127.0.0.1:4222")
+    _, who = nats_credentials.resolve("nats://127.0.0.1:4222")
     assert who is not None and who.user == "gateway"
     given = Credentials(user="client", password=SecretStr("given"))
-    assert nats_auth.resolve(url, given)[1] == given
+    assert nats_credentials.resolve(url, given)[1] == given
 
 
 def test_a_url_with_credentials_round_trips_without_them() -> None:
     who = Credentials(user="admin", password=SecretStr("s3cret"))
-    url = nats_auth.with_credentials("nats://127.0.0.1:4222", who)
+    url = nats_credentials.with_credentials("nats://127.0.0.1:4222", who)
     assert url == "nats://admin:s3cret@127.0.0.1:4222"
-    assert nats_auth.without_credentials(url) == "nats://127.0.0.1:4222"
+    assert nats_credentials.without_credentials(url) == "nats://127.0.0.1:4222"
 
 
 def test_a_refused_login_backs_off_exponentially_to_a_cap() -> None:
