@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 from beamline import bus, client, query, reads, subjects, traceview
+from beamline.polling import wait_for
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
-from beamline.testing import wait_for
 
 TASKS = (
     ("research", "What happens when a supervisor exceeds its restart intensity?"),

@@ -7,19 +7,19 @@ process, or a testcontainers ClickHouse server). Everything binds to 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from beamline.polling import wait_for as wait_for
 from beamline.process import Process, nats_server_binary, start_process
 
 T = TypeVar("T")
@@ -29,29 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def wait_for(
-    condition: Callable[[], Any],
-    timeout: float = 10.0,
-    interval: float = 0.02,
-    what: str = "condition",
-) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while True:
-        try:
-            value = condition()
-            if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
-                value = await value
-            if value:
-                return value
-        except Exception as exc:  # a condition that raises is "not yet"
-            last_exc = exc
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}") from last_exc
-        await asyncio.sleep(interval)
 
 
 def start_service(service: str, env: dict[str, str], log_dir: Path, suffix: str = "") -> Process:
