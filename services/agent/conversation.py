@@ -69,7 +69,9 @@ def task_entries(journal: Sequence[Envelope], task_id: str) -> Sequence[Envelope
     return None
 
 
-def next_action(spec: AgentSpec, journal: Sequence[Envelope], task_id: str) -> Action:
+def next_action(
+    spec: AgentSpec, journal: Sequence[Envelope], task_id: str, agent: str | None = None
+) -> Action:
     entries = task_entries(journal, task_id)
     if not entries:
         raise ValueError(f"task {task_id} is not in the journal; journal it first")
@@ -81,14 +83,14 @@ def next_action(spec: AgentSpec, journal: Sequence[Envelope], task_id: str) -> A
         message = last.payload.message
         if message.tool_calls:
             return RunTools(message.tool_calls, after=last)
-        return _final(spec, message.content or "")
+        return _final(spec, message.content or "", agent or spec.name)
     if isinstance(last.payload, ToolResultPayload):
         pending = _pending_calls(entries)
         if pending:
             return RunTools(pending[0], after=pending[1])
     if llm_calls >= spec.max_steps:
         return Fail(Reason.MAX_STEPS, f"no final answer after {llm_calls} LLM calls (max_steps)")
-    return CallLLM(derived_id("llm", spec.name, task_id, str(llm_calls)), llm_calls)
+    return CallLLM(derived_id("llm", agent or spec.name, task_id, str(llm_calls)), llm_calls)
 
 
 def _pending_calls(entries: Sequence[Envelope]) -> tuple[tuple[ToolCall, ...], Envelope] | None:
@@ -106,14 +108,14 @@ def _pending_calls(entries: Sequence[Envelope]) -> tuple[tuple[ToolCall, ...], E
     return None
 
 
-def _final(spec: AgentSpec, text: str) -> Reply | Fail:
+def _final(spec: AgentSpec, text: str, agent: str) -> Reply | Fail:
     if spec.output == "json":
         try:
             json.loads(text)
         except json.JSONDecodeError:
             return Fail(
                 Reason.INVALID_LLM_OUTPUT,
-                f"agent {spec.name} must answer JSON; the model answered: {text[:200]!r}",
+                f"agent {agent} must answer JSON; the model answered: {text[:200]!r}",
             )
     return Reply(text)
 

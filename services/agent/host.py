@@ -22,6 +22,7 @@ from beamline.config import Deployment
 from beamline.control import AgentState, ChildExit, HostHeartbeat, StopOutcome
 from beamline.errors import CallerError, Reason
 from beamline.ids import new_span_id
+from beamline.tree import pool_template
 from services.agent.mailbox import Mailbox, MailboxAck, MailboxConsumer
 from services.agent.runner import Agent, HostContext
 from services.agent.settings import AgentHostSettings
@@ -46,10 +47,14 @@ class Host:
         self.id = settings.host_id
         self.incarnation = new_span_id()
         self.labels = settings.label_map()
+        self.deployment = deployment
         self.supervised = deployment.supervised_agents()
         self.pinned_names = frozenset(deployment.pinned_agents())
+        self.templates = frozenset(deployment.pools().values())
         self.agents: dict[str, Agent] = {}
         for spec in deployment.agents:
+            if spec.name in self.templates:
+                continue  # a pool's template never runs; its members do
             agent = Agent(spec, ctx, running=spec.name not in self.supervised)
             if spec.name in self.supervised:
                 agent.on_exit = self._report_exit
@@ -77,7 +82,7 @@ class Host:
         # a supervised agent whose mailbox moved away runs elsewhere now (after a partition,
         # say): this stale incarnation must not keep working
         for name, agent in list(self.agents.items()):
-            if name in self.supervised and agent.running and not self.serves(name):
+            if self.is_supervised(name) and agent.running and not self.serves(name):
                 await agent.halt(None)
 
     def serves(self, agent: str) -> bool:
@@ -97,7 +102,7 @@ class Host:
                 continue
             elsewhere = self.pinned_names if isinstance(key, int) else ()
             shard = MailboxConsumer(
-                self.ctx.js, mailbox, self.agents.get, self.settings, self.max_bytes, elsewhere
+                self.ctx.js, mailbox, self.recipient, self.settings, self.max_bytes, elsewhere
             )
             await shard.open()
             if self.taking:
@@ -125,11 +130,39 @@ class Host:
             )
         self.term = term
 
-    def agent(self, name: str) -> Agent:
+    def recipient(self, name: str) -> Agent | None:
+        """The agent a mailbox message is for. A pool member not started here yet gets a
+        stopped one, whose queue holds the message until its supervisor starts it."""
         agent = self.agents.get(name)
+        if agent is None and pool_template(name, self.templates) is not None:
+            spec = self.deployment.member_spec(name)
+            assert spec is not None
+            agent = Agent(spec, self.ctx, name, running=False, on_exit=self._report_exit)
+            agent.state = AgentState.STOPPED
+            self.agents[name] = agent
+        return agent
+
+    def agent(self, name: str) -> Agent:
+        agent = self.recipient(name)
         if agent is None:
             raise CallerError(f"no agent named {name!r} is declared", Reason.UNKNOWN_RECIPIENT)
         return agent
+
+    def is_supervised(self, name: str) -> bool:
+        return name in self.supervised or pool_template(name, self.templates) is not None
+
+    def _forget_idle_member(self, name: str) -> None:
+        """A stopped pool member with nothing queued is dropped (terminate_child, or its
+        pool gave up): a pool that shrinks gives its memory back."""
+        agent = self.agents.get(name)
+        if (
+            agent is not None
+            and pool_template(name, self.templates) is not None
+            and not agent.running
+            and not agent.busy
+            and not agent.queue
+        ):
+            del self.agents[name]
 
     def start(self, names: Iterable[str], generations: Iterable[int]) -> None:
         """Start a new incarnation of each agent, in order; it inherits the queue."""
@@ -155,10 +188,11 @@ class Host:
         outcomes: dict[str, StopOutcome] = {}
         for name in names:
             agent = self.agent(name)
-            if not agent.running and not agent.busy:
+            if agent.running or agent.busy:
+                outcomes[name] = await agent.halt(timeout)
+            else:
                 outcomes[name] = StopOutcome.NOT_RUNNING
-                continue
-            outcomes[name] = await agent.halt(timeout)
+            self._forget_idle_member(name)
         return outcomes
 
     # --- reports to the supervisor ----------------------------------------------------

@@ -72,14 +72,16 @@ class HostContext:
 ExitReport = Callable[["Agent", str], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Agent:
     """One incarnation of an agent. A supervised agent runs only between its supervisor's
     start and stop; a crash ends the incarnation and the next one (a new object, same
-    queue) takes the message up again from the journal. An unsupervised agent always runs."""
+    queue) takes the message up again from the journal. An unsupervised agent always runs.
+    Slots, and the spec shared with every member of a pool: a host keeps very many."""
 
-    spec: AgentSpec
+    spec: AgentSpec  # its own, or its pool template's
     ctx: HostContext
+    name: str = ""  # the spec's name unless a pool member's
     queue: deque[Delivery] = field(default_factory=deque)
     running: bool = True
     generation: int = 0
@@ -94,9 +96,8 @@ class Agent:
     _changed_at: float = field(default_factory=time.monotonic)
     _worker: asyncio.Task[None] | None = None
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    def __post_init__(self) -> None:
+        self.name = self.name or self.spec.name
 
     @property
     def state(self) -> State:
@@ -124,6 +125,7 @@ class Agent:
         return Agent(
             self.spec,
             self.ctx,
+            self.name,
             queue=self.queue,
             running=False,
             generation=generation,
@@ -264,7 +266,7 @@ class Agent:
         while True:
             # read the journal afresh each step: the cache may have swapped the list
             journal = await self.ctx.journal.load(self.name, task.conversation_id)
-            action = conv.next_action(self.spec, journal, task.id)
+            action = conv.next_action(self.spec, journal, task.id, self.name)
             match action:
                 case conv.Done(outcome=outcome):
                     await self._publish_outcome(task, outcome)

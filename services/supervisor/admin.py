@@ -14,12 +14,14 @@ from nats.aio.msg import Msg
 from beamline.config import Deployment
 from beamline.control import AdminCommand, AdminReply, AdminRequest, parse
 from beamline.errors import CallerError, Reason
+from beamline.tree import member_name
 from services.supervisor.commands import HostCommands, HostUnreachable
 from services.supervisor.supervision import Operate, Supervision
 
 log = logging.getLogger("beamline.supervisor.admin")
 
 INSPECT_STEPS = 10
+BULK_REPLY_NAMES = 1000
 OPERATE_TIMEOUT_S = 120.0
 
 
@@ -28,12 +30,13 @@ class Admin:
         self, supervision: Supervision, commands: HostCommands, deployment: Deployment
     ) -> None:
         self.sv, self.commands = supervision, commands
-        self.agents = [a.name for a in deployment.agents]
-        # supervised agents in start order first, then the unsupervised ones
-        self.ordered = [
-            *supervision.order,
-            *(a for a in self.agents if a not in supervision.parent),
-        ]
+        templates = set(supervision.pools.values())
+        self.agents = [a.name for a in deployment.agents if a.name not in templates]
+        self.unsupervised = [a for a in self.agents if a not in supervision.parent]
+
+    def ordered(self) -> list[str]:
+        """Supervised agents in start order (pool members included), then the others."""
+        return [*self.sv.order(), *self.unsupervised]
 
     async def on_request(self, msg: Msg) -> None:
         if not self.sv.leading:
@@ -61,7 +64,18 @@ class Admin:
             return await self.ps()
         if which is AdminCommand.TREE:
             return self.sv.tree()
+        if which is AdminCommand.START_CHILD:
+            return await self._start_child(request)
         target = self._target(request.target)
+        if (
+            which is AdminCommand.TERMINATE_CHILD
+            and self.sv.parent.get(target) not in self.sv.pools
+        ):
+            raise CallerError(
+                f"{target!r} is not a member of a simple_one_for_one pool; "
+                f"terminate_child removes pool members (kill or restart the others)",
+                Reason.INVALID_SCHEMA,
+            )
         if which is AdminCommand.INSPECT:
             return await self.inspect(target)
         if which is AdminCommand.KILL and target not in self.sv.parent:
@@ -82,16 +96,41 @@ class Admin:
             raise CallerError(
                 f"{target!r} is not supervised: nothing to restart", Reason.UNKNOWN_RECIPIENT
             )
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.sv.inbox.put_nowait(Operate(which.value, target, request.requested_by, done))
         await asyncio.wait_for(done, OPERATE_TIMEOUT_S)
+        if which is AdminCommand.TERMINATE_CHILD:
+            return {"agent": target, "terminated": True}
         if target in self.sv.specs:
             return self.sv.tree()
         return self.sv.child_view(target)
 
+    async def _start_child(self, request: AdminRequest) -> dict[str, Any]:
+        pool = request.target or ""
+        template = self.sv.pools.get(pool)
+        if template is None:
+            raise CallerError(
+                f"{pool!r} is not a simple_one_for_one supervisor (pools: {sorted(self.sv.pools)})",
+                Reason.UNKNOWN_RECIPIENT,
+            )
+        if bool(request.suffixes) == bool(request.count):
+            raise CallerError("start_child takes suffixes or a count", Reason.INVALID_SCHEMA)
+        try:
+            names = tuple(member_name(template, s) for s in request.suffixes)
+        except ValueError as exc:
+            raise CallerError(str(exc), Reason.INVALID_SCHEMA) from None
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.sv.inbox.put_nowait(
+            Operate("start_child", pool, request.requested_by, done, names, request.count)
+        )
+        started: list[str] = await asyncio.wait_for(done, OPERATE_TIMEOUT_S)
+        return {"supervisor": pool, "started": started[:BULK_REPLY_NAMES], "n": len(started)}
+
     def _target(self, target: str | None) -> str:
         if not target:
             raise CallerError("this command needs a target agent", Reason.INVALID_SCHEMA)
+        if target in self.sv.parent:  # pool members are not declared
+            return target
         if target not in self.agents and target not in self.sv.specs:
             raise CallerError(
                 f"no agent or supervisor named {target!r} (agents: {self.agents[:20]})",
@@ -101,12 +140,13 @@ class Admin:
 
     async def ps(self) -> list[dict[str, Any]]:
         by_host: dict[str, list[str]] = {}
-        for agent in self.ordered:
+        ordered = self.ordered()
+        for agent in ordered:
             host = self.sv.host_of(agent)
             if host is not None and host in self.sv.hosts.hosts:
                 by_host.setdefault(host, []).append(agent)
         live = await self._ask_hosts(by_host)
-        return [self._row(agent, live.get(agent)) for agent in self.ordered]
+        return [self._row(agent, live.get(agent)) for agent in ordered]
 
     async def inspect(self, target: str) -> dict[str, Any]:
         if target in self.sv.specs:

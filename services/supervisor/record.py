@@ -2,11 +2,14 @@
 from when it takes over, so it restarts nothing that is healthy.
 
 Restart windows are kept in wall-clock seconds: they must mean the same on another machine.
+A big record (a pool of 100,000 members) is zlib-compressed: a KV value must fit in one
+NATS message (1 MiB by default), and member names like `worker-123` compress ~10 to 1.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -15,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 log = logging.getLogger("beamline.supervisor.record")
 
 KEY = "tree"
+COMPRESS_ABOVE = 32 * 1024  # smaller records stay plain JSON, readable with `nats kv get`
 
 
 class SupervisorRecord(BaseModel):
@@ -43,11 +47,21 @@ async def load(kv: KeyValue) -> TreeRecord | None:
     if not entry.value:
         return None
     try:
-        return TreeRecord.model_validate_json(entry.value)
-    except ValueError:
+        return decode(entry.value)
+    except (ValueError, zlib.error):
         log.error("recorded tree state unreadable; starting the tree afresh", exc_info=True)
         return None
 
 
 async def save(kv: KeyValue, record: TreeRecord) -> None:
-    await kv.put(KEY, record.model_dump_json().encode())
+    await kv.put(KEY, encode(record))
+
+
+def encode(record: TreeRecord) -> bytes:
+    data = record.model_dump_json().encode()
+    return zlib.compress(data, 1) if len(data) > COMPRESS_ABOVE else data
+
+
+def decode(data: bytes) -> TreeRecord:
+    """Plain JSON starts with `{`; anything else is the compressed form."""
+    return TreeRecord.model_validate_json(data if data[:1] == b"{" else zlib.decompress(data))

@@ -88,22 +88,37 @@ class SupervisorState:
     children: tuple[ChildState, ...] = ()
     window: RestartIntensity = field(default_factory=RestartIntensity)
 
+    _positions: dict[str, int] | None = field(default=None, compare=False, repr=False)
+
     @classmethod
     def from_spec(cls, spec: SupervisorSpec, running: bool = True) -> SupervisorState:
-        """The state right after every child started, in order."""
-        children = tuple(ChildState.from_spec(c, running) for c in spec.children)
+        """The state right after every child started, in order. A simple_one_for_one pool
+        starts empty: its one child spec is the template of the children added later."""
+        children = (
+            ()
+            if spec.strategy is Strategy.SIMPLE_ONE_FOR_ONE
+            else tuple(ChildState.from_spec(c, running) for c in spec.children)
+        )
         return cls(
             spec.name, spec.strategy, children, RestartIntensity(spec.intensity, spec.period)
         )
 
+    def _index(self) -> dict[str, int]:
+        """Child id -> position, built on first use: a pool can hold 100,000 children."""
+        if self._positions is None:
+            object.__setattr__(self, "_positions", {c.id: i for i, c in enumerate(self.children)})
+        assert self._positions is not None
+        return self._positions
+
     def child(self, child_id: str) -> ChildState | None:
-        return next((c for c in self.children if c.id == child_id), None)
+        i = self._index().get(child_id)
+        return None if i is None else self.children[i]
 
     def index(self, child_id: str) -> int:
-        return next(i for i, c in enumerate(self.children) if c.id == child_id)
+        return self._index()[child_id]
 
     def with_children(self, children: tuple[ChildState, ...]) -> SupervisorState:
-        return replace(self, children=children)
+        return replace(self, children=children, _positions=None)
 
     def which_children(self) -> tuple[ChildInfo, ...]:
         return tuple(ChildInfo(c.id, c.kind, c.restart, c.running) for c in self.children)

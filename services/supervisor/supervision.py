@@ -29,8 +29,16 @@ from beamline import subjects
 from beamline.config import Deployment
 from beamline.control import AgentState, HostHeartbeat
 from beamline.envelope import Envelope
+from beamline.errors import CallerError, Reason
 from beamline.events import EventSink, event_envelope
-from beamline.tree import BRUTAL_KILL, INFINITY, ChildSpec, SupervisorSpec
+from beamline.tree import (
+    BRUTAL_KILL,
+    INFINITY,
+    ChildSpec,
+    SupervisorSpec,
+    member_name,
+    pool_template,
+)
 from services.supervisor import record
 from services.supervisor.commands import INFINITY_S, CommandRefused, HostCommands, HostUnreachable
 from services.supervisor.decision import GaveUp, Ignored, Removed, Restarted
@@ -44,6 +52,8 @@ from services.supervisor.strategy import on_child_exit
 log = logging.getLogger("beamline.supervisor")
 
 SOURCE = "supervisor"
+EVENT_PER_AGENT_UPTO = 50  # bigger starts on one host (pools, re-homes) get one bulk event
+BULK_EVENT_NAMES = 1000
 
 
 @dataclass(frozen=True)
@@ -75,12 +85,15 @@ class Hung:
 
 @dataclass(frozen=True)
 class Operate:
-    """An operator's kill or restart, carried out in turn with every other decision."""
+    """An operator's command (kill, restart, start_child, terminate_child), carried out in
+    turn with every other decision."""
 
     command: str
     target: str
     requested_by: str
-    done: asyncio.Future[None]
+    done: asyncio.Future[Any]  # the outcome: start_child's started names, else None
+    names: tuple[str, ...] = ()  # start_child: the new pool members...
+    count: int = 0  # ... or how many, numbered after the pool's highest
 
 
 @dataclass(frozen=True)
@@ -113,16 +126,18 @@ class Supervision:
         self.clock = clock
         self.n_shards = shards
         self.specs: dict[str, SupervisorSpec] = {s.name: s for s in deployment.supervisors}
+        self.pools = deployment.pools()  # simple_one_for_one supervisor -> its template
         self.child_specs: dict[str, ChildSpec] = {}
         self.parent: dict[str, str] = {}
         for sup in deployment.supervisors:
+            if sup.name in self.pools:
+                continue  # the template is no child: its instances are, once started
             for child in sup.children:
                 self.child_specs[child.id] = child
                 self.parent[child.id] = sup.name
         roots = [name for name in self.specs if name not in self.parent]
         self.root: str | None = roots[0] if roots else None
-        self.order = self._agents_in_start_order()
-        self.shard_of = {a.name: subjects.shard_of(a.name, shards) for a in deployment.agents}
+        self._shards_of: dict[str, int] = {}
         self.need = deployment.pinned_agents()
         self.hosts = HostTable(settings.heartbeat_misses)
         self.states: dict[str, SupervisorState] = {}  # the supervisors that are up
@@ -199,14 +214,17 @@ class Supervision:
         while True:
             item = await self.inbox.get()
             try:
-                await self._handle(item)
+                outcome = await self._handle(item)
+            except CallerError as exc:  # an operator asked for what cannot be done now
+                if isinstance(item, Operate) and not item.done.done():
+                    item.done.set_exception(exc)
             except Exception:
                 log.exception("supervision step failed", extra={"input": repr(item)})
                 if isinstance(item, Operate) and not item.done.done():
                     item.done.set_exception(RuntimeError("the supervisor failed to carry it out"))
             else:
                 if isinstance(item, Operate) and not item.done.done():
-                    item.done.set_result(None)
+                    item.done.set_result(outcome)
             self._changed()
 
     async def save_loop(self) -> None:
@@ -222,7 +240,7 @@ class Supervision:
                 await asyncio.sleep(0.5)
             await asyncio.sleep(0.02)
 
-    async def _handle(self, item: Input) -> None:
+    async def _handle(self, item: Input) -> Any:
         match item:
             case Lead(term=term):
                 await self._lead(term)
@@ -241,6 +259,10 @@ class Supervision:
             case HostJoined(host=host):
                 await self._place(always={host})
                 await self._start_pending()
+            case Operate(command="start_child"):
+                return await self._start_children(item.target, item.names, item.count)
+            case Operate(command="terminate_child"):
+                await self._terminate_child(item.target)
             case Operate():
                 await self._operate(item)
 
@@ -256,9 +278,11 @@ class Supervision:
         self.states[sup] = after
         self._emit("child_exited", sup, child, exit=str(exit), host=host)
         match decision:
-            case Removed(reason=reason):
+            case Removed(reason=reason, forgotten=forgotten):
                 self.pending.discard(child)
                 self._emit("child_removed", sup, child, exit=str(exit), reason=reason)
+                if forgotten and sup in self.pools:
+                    self._forget_member(child)
             case Restarted(terminate=terminate, start=start, reason=reason):
                 await self._stop(terminate)
                 await self._start(start)
@@ -346,6 +370,9 @@ class Supervision:
                 self.pending.update(group)
                 continue
             self.pending.difference_update(group)
+            if len(group) > EVENT_PER_AGENT_UPTO:  # a pool's bulk start: one event, not 10,000
+                self._emit_bulk(group, host, rehome_from)
+                continue
             for agent in group:
                 if rehome_from is not None:
                     self._emit(
@@ -366,7 +393,7 @@ class Supervision:
                     )
 
     async def _start_pending(self) -> None:
-        waiting = [a for a in self.order if a in self.pending and self._is_running(a)]
+        waiting = [a for a in self.order() if a in self.pending and self._is_running(a)]
         self.pending.intersection_update(waiting)
         await self._launch(waiting)
 
@@ -419,7 +446,7 @@ class Supervision:
                 del self.shards[k]
             for a in pinned:
                 del self.pinned[a]
-        moved = [a for a in self.order if a in pinned or self.shard_of[a] in shards]
+        moved = [a for a in self.order() if a in pinned or self._shard(a) in shards]
         self.events.emit_envelope(
             self._event(
                 "host_lost",
@@ -472,9 +499,54 @@ class Supervision:
         for host in sorted(set(self.shards.values()) | set(self.pinned.values())):
             if host not in live:
                 await self._host_lost(host, restarted=False)
-        self.pending.update(a for a in self.order if self._host_of(a) is None)
+        self.pending.update(a for a in self.order() if self._host_of(a) is None)
         await self._place(always=live)
         await self._start_pending()
+
+    # --- pools (simple_one_for_one) ---------------------------------------------------------
+
+    async def _start_children(self, pool: str, names: Sequence[str], count: int) -> list[str]:
+        """OTP's start_child on a simple_one_for_one supervisor: new instances of its
+        template, appended to its children and started; names already there are skipped."""
+        state = self.states.get(pool)
+        if state is None:
+            raise CallerError(f"pool {pool!r} is not running; restart it", Reason.INVALID_SCHEMA)
+        template = self.specs[pool].children[0]
+        if count:
+            names = _numbered_after(state, template.id, count)
+        new = [n for n in dict.fromkeys(names) if state.child(n) is None]
+        for name in new:
+            self.parent[name] = pool
+            self.child_specs[name] = template
+        base = ChildState.from_spec(template, running=True)
+        added = tuple(replace(base, id=name) for name in new)
+        self.states[pool] = state.with_children(state.children + added)
+        await self._start_agents(new)
+        return new
+
+    async def _terminate_child(self, agent: str) -> None:
+        """OTP's terminate_child on a simple_one_for_one supervisor: stop the member and
+        delete it; it is not restarted, whatever its restart type."""
+        pool = self.parent.get(agent)
+        if pool not in self.pools:
+            raise CallerError(
+                f"{agent!r} is not a pool member (any more)", Reason.UNKNOWN_RECIPIENT
+            )
+        await self._stop([agent])
+        state = self.states.get(pool)
+        if state is not None:
+            self.states[pool] = state.with_children(
+                tuple(c for c in state.children if c.id != agent)
+            )
+        self._forget_member(agent)
+
+    def _forget_member(self, agent: str) -> None:
+        self.parent.pop(agent, None)
+        self.child_specs.pop(agent, None)
+        self.generations.pop(agent, None)
+        self.restarts.pop(agent, None)
+        self._shards_of.pop(agent, None)
+        self.pending.discard(agent)
 
     # --- operators --------------------------------------------------------------------------
 
@@ -538,8 +610,13 @@ class Supervision:
             spec = self.specs[name]
             state = self.states.get(name)
             now = self.clock()
-            children = []
-            for child in spec.children:
+            children: list[dict[str, Any]] = []
+            if name in self.pools:  # its members, not its template
+                children = [
+                    {"agent": c.id, "restart": c.restart.value, **self.child_view(c.id)}
+                    for c in (state.children if state else ())
+                ]
+            for child in spec.children if name not in self.pools else ():
                 if child.supervisor is not None:
                     children.append(node(child.supervisor))
                 else:
@@ -557,6 +634,7 @@ class Supervision:
                 "period": spec.period,
                 "up": state is not None,
                 "recent_restarts": state.window.recent(now) if state else 0,
+                "template": self.pools.get(name),  # a pool's: what its members instantiate
                 "children": children,
             }
 
@@ -583,7 +661,7 @@ class Supervision:
         """Adopt a recorded tree if it is this deployment's; False if it is not."""
         for name, sup in saved.supervisors.items():
             spec = self.specs.get(name)
-            if spec is None or set(sup.running) - {c.id for c in spec.children}:
+            if spec is None or any(not self._may_run_under(spec, c) for c in sup.running):
                 log.warning(
                     "recorded tree is another deployment's; starting afresh",
                     extra={"supervisor": name},
@@ -591,11 +669,20 @@ class Supervision:
                 return False
         for name, sup in saved.supervisors.items():
             spec = self.specs[name]
-            children = tuple(
-                ChildState.from_spec(c, sup.running[c.id])
-                for c in spec.children
-                if c.id in sup.running
-            )
+            if name in self.pools:
+                template = spec.children[0]
+                for member in sup.running:
+                    self.parent[member], self.child_specs[member] = name, template
+                children = tuple(
+                    replace(ChildState.from_spec(template, up), id=member)
+                    for member, up in sup.running.items()
+                )
+            else:
+                children = tuple(
+                    ChildState.from_spec(c, sup.running[c.id])
+                    for c in spec.children
+                    if c.id in sup.running
+                )
             window = RestartIntensity(spec.intensity, spec.period, sup.restarts)
             self.states[name] = SupervisorState(name, spec.strategy, children, window)
         self.generations = dict(saved.generations)
@@ -604,10 +691,22 @@ class Supervision:
         self.pinned = dict(saved.pinned)
         return True
 
-    def _agents_in_start_order(self) -> list[str]:
+    def _may_run_under(self, spec: SupervisorSpec, child: str) -> bool:
+        if spec.name in self.pools:
+            return pool_template(child, {self.pools[spec.name]}) is not None
+        return any(c.id == child for c in spec.children)
+
+    def order(self) -> list[str]:
+        """Every supervised agent, in start order: the declared ones, and each pool's
+        members as they were started."""
         out: list[str] = []
 
         def walk(name: str) -> None:
+            if name in self.pools:
+                pool = self.states.get(name)
+                if pool is not None:
+                    out.extend(c.id for c in pool.children)
+                return
             for child in self.specs[name].children:
                 if child.supervisor is not None:
                     walk(child.supervisor)
@@ -618,10 +717,16 @@ class Supervision:
             walk(self.root)
         return out
 
+    def _shard(self, agent: str) -> int:
+        k = self._shards_of.get(agent)
+        if k is None:
+            k = self._shards_of[agent] = subjects.shard_of(agent, self.n_shards)
+        return k
+
     def _host_of(self, agent: str) -> str | None:
         if agent in self.need:
             return self.pinned.get(agent)
-        return self.shards.get(self.shard_of[agent])
+        return self.shards.get(self._shard(agent))
 
     def _is_running(self, cid: str) -> bool:
         sup = self.parent.get(cid)
@@ -637,6 +742,22 @@ class Supervision:
             SOURCE, name, data, recipient=recipient, conversation_id=self.root or SOURCE
         )
 
+    def _emit_bulk(self, agents: Sequence[str], host: str, rehome_from: str | None) -> None:
+        by_sup: dict[str, list[str]] = {}
+        for agent in agents:
+            by_sup.setdefault(self.parent[agent], []).append(agent)
+        name = "children_rehomed" if rehome_from is not None else "children_started"
+        for sup, children in by_sup.items():
+            self._emit(
+                name,
+                sup,
+                sup,
+                host=host,
+                from_host=rehome_from or "",
+                n=len(children),
+                children=children[:BULK_EVENT_NAMES],
+            )
+
     def _emit(self, name: str, sup: str, child: str, **data: Any) -> None:
         env = event_envelope(
             SOURCE,
@@ -647,6 +768,14 @@ class Supervision:
         )
         self.events.emit_envelope(env)
         log.info(name.replace("_", " "), extra={"supervisor": sup, "child": child, **data})
+
+
+def _numbered_after(state: SupervisorState, template: str, count: int) -> list[str]:
+    """`count` member names numbered after the highest numbered member of the pool."""
+    prefix = f"{template}-"
+    numbers = [int(tail) for c in state.children if (tail := c.id[len(prefix) :]).isdigit()]
+    first = max(numbers, default=0) + 1
+    return [member_name(template, str(n)) for n in range(first, first + count)]
 
 
 def _timeout(spec: ChildSpec) -> float | None:

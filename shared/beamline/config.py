@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from beamline.errors import ConfigError
 from beamline.ids import is_token
 from beamline.tools import import_tool_modules, registered
-from beamline.tree import Host, SupervisorSpec, check_tree
+from beamline.tree import Host, Strategy, SupervisorSpec, check_tree, pool_template
 
 
 class Strict(BaseModel):
@@ -103,6 +103,22 @@ class Deployment(Strict):
             for c in s.children
             if c.agent and c.placement
         }
+
+    def pools(self) -> dict[str, str]:
+        """simple_one_for_one supervisors -> the agent their members instantiate."""
+        return {
+            s.name: s.children[0].id
+            for s in self.supervisors
+            if s.strategy is Strategy.SIMPLE_ONE_FOR_ONE and s.children
+        }
+
+    def member_spec(self, name: str) -> AgentSpec | None:
+        """The spec an agent runs: its own, or its pool template's for a pool member."""
+        spec = self.agent(name)
+        if spec is not None:
+            return spec
+        template = pool_template(name, self.pools().values())
+        return None if template is None else self.agent(template)
 
     def check_tools(self) -> None:
         """Import tool modules and check every agent's tools exist. Call where tools run."""

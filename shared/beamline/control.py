@@ -119,11 +119,20 @@ class AdminCommand(StrEnum):
     INSPECT = "inspect"
     KILL = "kill"
     RESTART = "restart"
+    START_CHILD = "start_child"
+    TERMINATE_CHILD = "terminate_child"
+
+
+MAX_START_CHILD = 10_000  # members per start_child request; start more with more requests
 
 
 class AdminRequest(Wire):
-    target: str | None = None  # an agent (or, for restart, a supervisor)
+    target: str | None = None  # an agent (or, for restart, a supervisor; start_child: a pool)
     requested_by: str = "operator"
+    # start_child: the new members' suffixes (each named <template>-<suffix>), or a count
+    # of members numbered after the pool's highest
+    suffixes: tuple[str, ...] = Field(default=(), max_length=MAX_START_CHILD)
+    count: int = Field(default=0, ge=0, le=MAX_START_CHILD)
 
 
 class AdminReply(Wire):

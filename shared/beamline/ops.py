@@ -1,5 +1,5 @@
 """Operator commands against the supervisor (`beamline ps | tree | inspect | kill |
-restart`): one request on `bl.admin.<command>`, answered by the leading supervisor, and
+restart | start-child | terminate-child`): one request on `bl.admin.<command>`, answered by the leading supervisor, and
 plain-text renderings of the answers."""
 
 from __future__ import annotations
@@ -15,10 +15,18 @@ from beamline.control import AdminReply, AdminRequest
 from beamline.errors import CallerError, Reason, TransientError
 
 
-async def admin(nc: NATS, command: str, target: str | None = None, timeout: float = 30) -> Any:
+async def admin(
+    nc: NATS,
+    command: str,
+    target: str | None = None,
+    timeout: float = 30,
+    suffixes: tuple[str, ...] = (),
+    count: int = 0,
+) -> Any:
     """The supervisor's answer, or a clear error: a refused command raises CallerError with
     the supervisor's reason; no supervisor answering raises TransientError."""
-    body = AdminRequest(target=target, requested_by="cli").model_dump_json().encode()
+    request = AdminRequest(target=target, requested_by="cli", suffixes=suffixes, count=count)
+    body = request.model_dump_json().encode()
     try:
         msg = await nc.request(subjects.admin(command), body, timeout=timeout)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
@@ -69,8 +77,10 @@ def render_tree(node: dict[str, Any], prefix: str = "", last: bool = True, top: 
     branch = "" if top else ("└─ " if last else "├─ ")
     if "supervisor" in node and "strategy" in node:
         state = "up" if node["up"] else "DOWN"
+        template = node.get("template")
+        pool = f", pool of {template} x{len(node['children'])}" if template else ""
         line = (
-            f"{prefix}{branch}{node['supervisor']} ({node['strategy']}, "
+            f"{prefix}{branch}{node['supervisor']} ({node['strategy']}{pool}, "
             f"{node['recent_restarts']}/{node['intensity']} restarts in {node['period']:g}s) {state}"
         )
         children = node["children"]

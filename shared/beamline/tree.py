@@ -24,11 +24,16 @@ supervisor:
 Defaults follow OTP: `intensity: 1`, `period: 5`, `restart: permanent`; `shutdown` is 5 s
 for an agent and `infinity` for a supervisor (its own children's timeouts bound it).
 Agents that no supervisor names run unsupervised, as before.
+
+A `simple_one_for_one` supervisor is a pool, as in OTP: exactly one child spec, an agent,
+the template; it starts with no children, and `start_child` adds instances of the template
+at run time (`beamline start-child POOL`), each named `<template>-<suffix>` and addressed
+like any agent. The template itself never runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -145,7 +150,7 @@ def check_tree(
     for i, sup in enumerate(supervisors):
         _check_children(i, sup, set(names), agent_roles, parent)
         if sup.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
-            _check_pool(i, sup, agent_roles)
+            _check_pool(i, sup, agent_roles.keys())
         if hosts is not None:
             _check_placement(i, sup, hosts)
     _check_acyclic(supervisors)
@@ -190,24 +195,42 @@ def _check_children(
         parent[child.id] = sup.name
 
 
-def _check_pool(i: int, sup: SupervisorSpec, agent_roles: Mapping[str, str]) -> None:
-    """OTP's simple_one_for_one has one child spec that every child instantiates, so a pool
-    holds one kind: all agents of one role (or all supervisors), restart and shutdown alike."""
-    if not sup.children:
-        return
-    first = sup.children[0]
+def _check_pool(i: int, sup: SupervisorSpec, agent_names: Collection[str]) -> None:
+    """OTP's simple_one_for_one has one child spec that every child instantiates."""
+    if len(sup.children) != 1 or sup.children[0].kind is not ChildKind.WORKER:
+        raise ValueError(
+            f"supervisors[{i}].children: a simple_one_for_one supervisor has exactly one child, "
+            f"an agent: the template its children are started from (got {len(sup.children)})"
+        )
+    template = sup.children[0]
+    if template.placement:
+        raise ValueError(
+            f"supervisors[{i}].children[0].placement: pool members live in the hosts' mailbox "
+            f"shards; placement on a simple_one_for_one template is not supported"
+        )
+    clash = sorted(a for a in agent_names if pool_template(a, {template.id}) is not None)
+    if clash:
+        raise ValueError(
+            f"supervisors[{i}].children[0].agent: declared agents {clash} are named like members "
+            f"of the pool of {template.id!r} ({template.id}-<suffix>); rename them"
+        )
 
-    def kind(c: ChildSpec) -> tuple[Any, ...]:
-        role = agent_roles.get(c.id) if c.kind is ChildKind.WORKER else None
-        return (c.kind, role, c.restart, c.shutdown_or_default)
 
-    for j, child in enumerate(sup.children[1:], start=1):
-        if kind(child) != kind(first):
-            raise ValueError(
-                f"supervisors[{i}].children[{j}]: simple_one_for_one children must be of one "
-                f"kind (same agent role or all supervisors, same restart and shutdown); "
-                f"{child.id!r} differs from {first.id!r}"
-            )
+def pool_template(name: str, templates: Collection[str]) -> str | None:
+    """The pool template whose member `name` is (`<template>-<suffix>`), if any."""
+    head = name
+    while "-" in head:
+        head = head.rsplit("-", 1)[0]
+        if head in templates:
+            return head
+    return None
+
+
+def member_name(template: str, suffix: str) -> str:
+    name = f"{template}-{suffix}"
+    if not is_token(name) or not suffix:
+        raise ValueError(f"pool member name {name!r} must be 1-128 of A-Z a-z 0-9 _ -")
+    return name
 
 
 def _check_placement(i: int, sup: SupervisorSpec, hosts: Sequence[Host]) -> None:

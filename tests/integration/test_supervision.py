@@ -65,8 +65,10 @@ async def started(mesh: MeshHandle, agent: str) -> bool:
     )
 
 
-async def admin(mesh: MeshHandle, command: str, target: str | None = None) -> dict[str, Any]:
-    body = json.dumps({"target": target, "requested_by": "test"}).encode()
+async def admin(
+    mesh: MeshHandle, command: str, target: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    body = json.dumps({"target": target, "requested_by": "test", **extra}).encode()
     reply = await mesh.nc.request(subjects.admin(command), body, timeout=20)
     answer: dict[str, Any] = json.loads(reply.data)
     return answer
@@ -228,6 +230,56 @@ async def test_operator_commands_and_their_errors(start_mesh: MeshFactory) -> No
     assert not loose["ok"] and "not a supervised agent" in loose["error"]
     bad = await admin(mesh, "explode", "steady")
     assert not bad["ok"] and "unknown command" in bad["error"]
+
+
+async def test_a_simple_one_for_one_pool_starts_restarts_and_removes_members(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await supervised_mesh(start_mesh)
+    # a message to a member not started yet waits in its mailbox, as OTP's would not: here
+    # mailboxes outlive their agents
+    early = await submit(mesh.nc, subjects.inbox("worker-early"), "k-early")
+    assert (await admin(mesh, "tree"))["result"]["children"][-1]["children"] == []
+
+    numbered = await admin(mesh, "start_child", "pool", count=2)
+    assert numbered["result"] == {"supervisor": "pool", "started": ["worker-1", "worker-2"], "n": 2}
+    named_one = await admin(mesh, "start_child", "pool", suffixes=["early"])
+    assert named_one["result"]["started"] == ["worker-early"]
+    # it finishes the waiting task after one crash: simple_one_for_one restarts only it
+    reply = await await_reply(mesh.nc, early, timeout=30)
+    assert reply_text(reply) == "crasher: survived k-early"
+    conversation = await submit(mesh.nc, subjects.inbox("worker-2"), "k2")
+    assert reply_text(await await_reply(mesh.nc, conversation, timeout=30)).endswith("k2")
+
+    evs = await events(mesh)
+    restarted = named(evs, "child_restarted", "worker-early")
+    assert (
+        restarted
+        and restarted[0]["supervisor"] == "pool"
+        and restarted[0]["start"] == ["worker-early"]
+    )
+    assert named(evs, "child_started", "worker-1")[0]["supervisor"] == "pool"
+    rows = {r["agent"]: r for r in (await admin(mesh, "ps"))["result"]}
+    assert {"worker-1", "worker-2", "worker-early"} <= rows.keys() and "worker" not in rows
+    assert rows["worker-early"]["supervisor"] == "pool" and rows["worker-early"]["restarts"] == 1
+
+    gone = await admin(mesh, "terminate_child", "worker-1")
+    assert gone["result"] == {"agent": "worker-1", "terminated": True}
+    rows = {r["agent"]: r for r in (await admin(mesh, "ps"))["result"]}
+    assert "worker-1" not in rows and "worker-2" in rows
+    next_one = await admin(mesh, "start_child", "pool", count=1)
+    assert next_one["result"]["started"] == ["worker-3"]  # numbered after the highest
+
+    refusals: list[tuple[str, str, dict[str, Any], str]] = [
+        ("terminate_child", "steady", {}, "not a member of a simple_one_for_one pool"),
+        ("start_child", "root", {"count": 1}, "'root' is not a simple_one_for_one supervisor"),
+        ("start_child", "pool", {}, "start_child takes suffixes or a count"),
+        ("start_child", "pool", {"suffixes": ["a.b"]}, "must be 1-128 of"),
+        ("start_child", "pool", {"count": 10_001}, "less than or equal to 10000"),
+    ]
+    for command, target, extra, error in refusals:
+        refused = await admin(mesh, command, target, **extra)
+        assert not refused["ok"] and error in refused["error"], refused
 
 
 async def test_shutdown_timeout_then_brutal_kill(start_mesh: MeshFactory) -> None:

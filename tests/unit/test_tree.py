@@ -34,12 +34,12 @@ supervisors:
     period: 10
     children:
       - {supervisor: pool}
+      - {agent: b, placement: {tier: hot}}
       - {agent: c, restart: transient, shutdown: brutal_kill, placement: {tier: cold}}
   - name: pool
     strategy: simple_one_for_one
     children:
-      - {agent: a, placement: {tier: hot}}
-      - {agent: b}
+      - {agent: a, restart: transient}
 """
 )
 
@@ -49,14 +49,17 @@ def test_a_valid_nested_tree_is_accepted_with_otp_defaults() -> None:
     root, pool = deployment.supervisors
     assert (root.strategy, root.intensity, root.period) == (Strategy.ONE_FOR_ALL, 2, 10.0)
     assert (pool.intensity, pool.period) == (1, 5.0)
-    sup_child, agent_child = root.children
+    sup_child, _, agent_child = root.children
     assert (sup_child.id, sup_child.kind, sup_child.restart) == (
         "pool",
         ChildKind.SUPERVISOR,
         Restart.PERMANENT,
     )
     assert sup_child.shutdown_or_default == INFINITY
-    assert pool.children[1].shutdown_or_default == 5.0
+    assert pool.children[0].shutdown_or_default == 5.0
+    assert deployment.pools() == {"pool": "a"}
+    assert deployment.member_spec("a-17") == deployment.agent("a")
+    assert deployment.member_spec("b-17") is None
     assert agent_child.shutdown_or_default == "brutal_kill"
 
 
@@ -70,11 +73,11 @@ def test_beamline_check_names_the_offending_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(NESTED.replace("{agent: b}", "{agent: zed}"))
+    bad.write_text(NESTED.replace("{agent: a, restart", "{agent: zed, restart"))
     with pytest.raises(SystemExit) as exited:
         cli.main(["check", str(bad)])
     assert exited.value.code == 2
-    assert "supervisors[1].children[1].agent: unknown agent 'zed'" in capsys.readouterr().err
+    assert "supervisors[1].children[0].agent: unknown agent 'zed'" in capsys.readouterr().err
 
 
 def _sup(name: str, children: str, extra: str = "") -> str:
@@ -149,21 +152,32 @@ BAD = [
     (_tree(_sup("a", "{agent: b}")), "supervisors[0].name: 'a' is already an agent's name"),
     (
         _tree("  - {name: s, strategy: simple_one_for_one, children: [{agent: a}, {agent: c}]}\n"),
-        "supervisors[0].children[1]: simple_one_for_one children must be of one kind",
+        "supervisors[0].children: a simple_one_for_one supervisor has exactly one child",
+    ),
+    (
+        _tree("  - {name: s, strategy: simple_one_for_one, children: []}\n"),
+        "supervisors[0].children: a simple_one_for_one supervisor has exactly one child",
     ),
     (
         _tree(
-            "  - {name: s, strategy: simple_one_for_one, children: [{agent: a}, {supervisor: t}]}\n",
+            "  - {name: s, strategy: simple_one_for_one, children: [{supervisor: t}]}\n",
             _sup("t", "{agent: c}"),
         ),
-        "supervisors[0].children[1]: simple_one_for_one children must be of one kind",
+        "supervisors[0].children: a simple_one_for_one supervisor has exactly one child, an agent",
     ),
     (
         _tree(
             "  - {name: s, strategy: simple_one_for_one,"
-            " children: [{agent: a}, {agent: b, restart: temporary}]}\n"
+            " children: [{agent: a, placement: {tier: hot}}]}\n",
+            hosts="hosts: [{name: h1, labels: {tier: hot}}]\n",
         ),
-        "supervisors[0].children[1]: simple_one_for_one children must be of one kind",
+        "supervisors[0].children[0].placement: pool members live in the hosts' mailbox shards",
+    ),
+    (
+        AGENTS.replace("name: c,", "name: a-7,")
+        + "supervisors:\n"
+        + "  - {name: s, strategy: simple_one_for_one, children: [{agent: a}]}\n",
+        "supervisors[0].children[0].agent: declared agents ['a-7'] are named like members",
     ),
     (
         _tree(
