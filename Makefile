@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run mesh up down test unit integration lint format bench clean
+.PHONY: venv run mesh up up-cluster down test unit integration lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ mesh: venv
 ## the mesh as containers (docker-compose.yml): build the image, start in the background
 up:
 	docker compose up -d --build
+
+## the same on a 3-node NATS cluster with R3 streams (docker-compose.cluster.yml over the base);
+## stop it with: docker compose -f docker-compose.yml -f docker-compose.cluster.yml down
+up-cluster:
+	docker compose -f docker-compose.yml -f docker-compose.cluster.yml up -d --build
 
 ## stop and remove the containers (named volumes keep NATS and ClickHouse data)
 down:

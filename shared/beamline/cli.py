@@ -23,6 +23,7 @@ from beamline import (
     bus,
     client,
     config,
+    init,
     logview,
     nats_credentials,
     ops,
@@ -191,6 +192,24 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_init(args: argparse.Namespace) -> int:
+    """The init job: the JetStream layout, then the ClickHouse schema (`db migrate`)."""
+    settings = MeshSettings()
+    where = nats_credentials.without_credentials(settings.nats_url)
+    for declared in await init.declare_layout(settings, args.timeout):
+        print(f"{where}: {declared.kind} {declared.name} R{declared.replicas}")
+    try:
+        return cmd_db_migrate(args)
+    except (BeamlineError, RuntimeError):
+        raise
+    except Exception as exc:  # e.g. a server refusing the user: name the step, not a traceback
+        url = storage.redact_url(settings.resolved_clickhouse_url)
+        raise TransientError(
+            f"applying the ClickHouse schema to {url} failed: {type(exc).__name__}: {exc}",
+            Reason.STORAGE_UNAVAILABLE,
+        ) from exc
+
+
 def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse `type` that shows the parser's own message (argparse hides a ValueError's)."""
 
@@ -215,11 +234,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 async def cmd_ops(args: argparse.Namespace) -> int:
     """ps, tree, inspect, kill, restart: asked of the leading supervisor."""
     nc = await _connect(MeshSettings())
+    command = args.command.replace("-", "_")  # start-child -> bl.admin.start_child
     try:
-        result = await ops.admin(nc, args.command, getattr(args, "target", None))
+        result = await ops.admin(
+            nc,
+            command,
+            getattr(args, "target", None),
+            suffixes=tuple(getattr(args, "suffixes", None) or ()),
+            count=getattr(args, "count", None) or 0,
+        )
     finally:
         await nc.close()
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) or command in ("start_child", "terminate_child"):
         print(json.dumps(result, indent=2, default=str))
     elif args.command == "ps":
         print(ops.render_ps(result))
@@ -276,6 +302,18 @@ def _parser() -> argparse.ArgumentParser:
         "default 30; 0 keeps rows forever) to BEAMLINE_CLICKHOUSE_URL (default "
         "chdb://DATA_DIR/clickhouse); refuses when an applied file has changed",
     )
+    i = sub.add_parser(
+        "init",
+        help="the one-shot init job: declare the JetStream streams and buckets "
+        "(BEAMLINE_STREAM_REPLICAS replicas each, default 1), then apply the ClickHouse schema "
+        "as `db migrate` does; idempotent; exits non-zero naming the step that failed",
+    )
+    i.add_argument(
+        "--timeout",
+        type=float,
+        default=init.DEFAULT_GIVE_UP_S,
+        help="seconds to wait for NATS and JetStream (default 30)",
+    )
     c = sub.add_parser("check", help="validate a deployment file")
     c.add_argument("file")
     for command, text in (
@@ -291,6 +329,18 @@ def _parser() -> argparse.ArgumentParser:
         op = sub.add_parser(command, help=text)
         op.add_argument("target", help="an agent (or, for restart/inspect, a supervisor)")
         op.add_argument("--json", action="store_true")
+    sc = sub.add_parser(
+        "start-child",
+        help="start members of a simple_one_for_one pool: named <template>-<suffix>; recorded",
+    )
+    sc.add_argument("target", metavar="POOL", help="the simple_one_for_one supervisor")
+    sc.add_argument("suffixes", nargs="*", metavar="SUFFIX", help="member name suffixes")
+    sc.add_argument("--count", type=int, help="or: this many, numbered after the highest")
+    tc = sub.add_parser(
+        "terminate-child", help="stop a pool member and remove it from its pool; recorded"
+    )
+    tc.add_argument("target", metavar="AGENT")
+    tc.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="run a small research team against fakellm and exit")
     mesh_flags(d)
     d.add_argument("--data-dir", default=".beamline/demo")
@@ -308,9 +358,21 @@ def main(argv: list[str] | None = None) -> None:
         "trace": cmd_trace,
         "logs": cmd_logs,
         "db": cmd_db_migrate,
+        "init": cmd_init,
         "check": cmd_check,
         "demo": cmd_demo,
-        **{command: cmd_ops for command in ("ps", "tree", "inspect", "kill", "restart")},
+        **{
+            command: cmd_ops
+            for command in (
+                "ps",
+                "tree",
+                "inspect",
+                "kill",
+                "restart",
+                "start-child",
+                "terminate-child",
+            )
+        },
     }
     try:
         result = handlers[args.command](args)

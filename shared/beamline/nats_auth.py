@@ -219,6 +219,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             subjects.HEARTBEATS_ALL,
             subjects.CHILD_EXIT,
             INBOXES,  # answers to the supervisor and health checks; a task's reply_to
+            subjects.health("agent"),  # its container healthcheck asks itself
             *_durable(subjects.STREAM_TASKS, subjects.CONSUMER_DISPATCH),
             *_durable(subjects.STREAM_MAILBOX, "*"),  # shard and pinned-agent consumers
             _api("DIRECT", "GET", subjects.STREAM_JOURNAL),  # rebuilding state from a journal
@@ -237,6 +238,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             INBOXES,  # answers to operators and to hosts' exit reports
             subjects.CONTROL_ALL,
             _events(Role.SUPERVISOR),
+            subjects.health("supervisor"),  # its container healthcheck asks itself
             *_bucket(subjects.BUCKET_SUPERVISOR),  # the leader's lease and the tree's state
             *_DECLARED_AT_START,
         ),
@@ -252,6 +254,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
         publish=(
             INBOXES,  # the LLM answers
             _events(Role.GATEWAY),
+            subjects.health("gateway"),  # its container healthcheck asks itself
             subjects.dlq("gateway"),
             *_bucket(subjects.BUCKET_LLM_RESULTS),
             *_DECLARED_AT_START,
@@ -263,6 +266,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
         publish=(
             INBOXES,  # query answers
             _events(Role.RECORDER),
+            subjects.health("recorder"),  # its container healthcheck asks itself
             *(
                 subject
                 for stream in subjects.RECORDED_STREAMS

@@ -35,6 +35,14 @@ class MeshSettings(BaseSettings):
     mailbox_shards: int = Field(
         default=32, ge=1, le=1024, description="Mailbox partitions (one durable consumer each)."
     )
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Replicas of each JetStream stream and bucket that `beamline init` "
+        "declares: 1 on a single server, 3 on a 3-node cluster. Services that declare the "
+        "layout at start keep an existing stream's replicas.",
+    )
     config: Path = Field(
         default=Path("infra/examples/research-team.yaml"),
         description="The YAML file declaring agents (and, later, supervisors).",

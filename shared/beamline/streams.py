@@ -6,6 +6,11 @@ one durable consumer per shard instead of one per agent: 32 consumers serve 100,
 where per-agent consumers would cost ~48 KB and ~4 ms each and minutes of server shutdown.
 Per-agent order holds because a shard is consumed by one host, in stream order, and each
 agent works through its own queue one message at a time.
+
+Replicas: the init job (`beamline init`) declares the layout with BEAMLINE_STREAM_REPLICAS
+(3 on a 3-node cluster). The services still call `ensure_streams` at start without a replica
+count, and then an existing stream or bucket keeps the replicas it has: a service never
+scales the layout down (nats-server reads an update without replicas as R1).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
 from beamline import subjects
+from beamline.nats_auth import kv_stream
 
 log = logging.getLogger("beamline.streams")
 
@@ -70,28 +76,52 @@ def stream_configs(shards: int) -> list[StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, shards: int) -> None:
-    """Create every stream, or bring an existing one to the declared config."""
+async def ensure_streams(js: JetStreamContext, shards: int, replicas: int | None = None) -> None:
+    """Create every stream and bucket, or bring an existing stream to the declared config.
+
+    `replicas` sets each stream's and bucket's replica count; None keeps an existing one's
+    and creates a missing one with R1.
+    """
     for config in stream_configs(shards):
         try:
-            await js.stream_info(config.name)  # type: ignore[arg-type]
+            info = await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
-            await js.add_stream(config)
-            log.info("stream created", extra={"stream": config.name})
+            await js.add_stream(config.evolve(num_replicas=replicas or 1))
+            log.info("stream created", extra={"stream": config.name, "replicas": replicas or 1})
             continue
         try:
-            await js.update_stream(config)
+            await js.update_stream(config.evolve(num_replicas=replicas or info.config.num_replicas))
         except BadRequestError as exc:
             # e.g. a shard count change: the transform cannot be edited under live consumers
             log.warning(
                 "stream kept with its existing config",
                 extra={"stream": config.name, "error": str(exc)},
             )
-    await js.create_key_value(
-        KeyValueConfig(bucket=subjects.BUCKET_LLM_RESULTS, ttl=timedelta(hours=1).total_seconds())
-    )
-    await js.create_key_value(
-        KeyValueConfig(bucket=subjects.BUCKET_ATTEMPTS, ttl=timedelta(days=1).total_seconds())
-    )
-    # the supervisor's lease and recorded tree state: small, latest value per key only
-    await js.create_key_value(KeyValueConfig(bucket=subjects.BUCKET_SUPERVISOR, history=1))
+    for bucket in bucket_configs():
+        await _ensure_bucket(js, bucket, replicas)
+
+
+def bucket_configs() -> list[KeyValueConfig]:
+    return [
+        KeyValueConfig(bucket=subjects.BUCKET_LLM_RESULTS, ttl=timedelta(hours=1).total_seconds()),
+        KeyValueConfig(bucket=subjects.BUCKET_ATTEMPTS, ttl=timedelta(days=1).total_seconds()),
+        # the supervisor's lease and recorded tree state: small, latest value per key only
+        KeyValueConfig(bucket=subjects.BUCKET_SUPERVISOR, history=1),
+    ]
+
+
+async def _ensure_bucket(
+    js: JetStreamContext, bucket: KeyValueConfig, replicas: int | None
+) -> None:
+    """Create a bucket; an existing one changes only its replica count, when one is given.
+    (nats-py's create_key_value re-sends the create, which the server refuses once the
+    replicas differ, so a service would crash on a bucket the init job made R3.)"""
+    try:
+        info = await js.stream_info(kv_stream(bucket.bucket))
+    except NotFoundError:
+        await js.create_key_value(bucket.evolve(replicas=replicas or 1))
+        log.info("bucket created", extra={"bucket": bucket.bucket, "replicas": replicas or 1})
+        return
+    if replicas and info.config.num_replicas != replicas:
+        await js.update_stream(info.config.evolve(num_replicas=replicas))
+        log.info("bucket replicas changed", extra={"bucket": bucket.bucket, "replicas": replicas})

@@ -12,8 +12,17 @@ No Docker engine runs here, so these tests check the file without one:
 - healthchecks and `depends_on` conditions agree;
 - least privilege: each service connects to NATS as its role's user with the same password
   variable the nats container gives nats-server, and to ClickHouse as `writer` (the
-  recorder) or `readonly` (the rest), users the clickhouse container gets from
-  infra/clickhouse/users.xml with every password variable set.
+  recorder and the init job) or `readonly` (the rest, Grafana too), users the clickhouse
+  container gets from infra/clickhouse/users.xml with every password variable set;
+- the init job runs once (`beamline init`) and every service on NATS waits for it; each
+  long-running Beamline service has a healthcheck that asks it over NATS
+  (`python -m beamline.health <service>`);
+- Grafana: a pinned image and plugin, the provisioning and dashboards mounted where the
+  provisioning files say, and every `$VAR` those files read set on the grafana service;
+- the 3-node cluster override (docker-compose.cluster.yml) validates alone and merged with
+  the base file (Compose's merge rules), and the merged view passes every check above plus
+  the cluster's own: routes between all nodes with their own password, every URL on every
+  service, R3 streams from init; nats-server accepts the cluster config of each node.
 
 Each checker returns a list of problems, and each one is also shown to reject a broken
 copy of the file.
@@ -21,13 +30,16 @@ copy of the file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
+import io
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -41,7 +53,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from beamline import config, nats_auth
+from beamline import cli, config, grafana, nats_auth
 from beamline.errors import ConfigError
 from beamline.process import nats_server_binary
 from beamline.storage import SCHEMA_DIR_ENV
@@ -52,6 +64,9 @@ SCHEMA = ROOT / "infra/compose/compose-spec.json"
 DOCKERFILE = ROOT / "infra/docker/Dockerfile"
 NATS_CONF = ROOT / "infra/nats/nats-server.conf"
 CLICKHOUSE_USERS = ROOT / "infra/clickhouse/users.xml"
+CLUSTER = ROOT / "docker-compose.cluster.yml"
+CLUSTER_CONF = ROOT / "infra/nats/nats-cluster.conf"
+GRAFANA_PROVISIONING = ROOT / "infra/grafana/provisioning"
 
 Compose = dict[str, Any]
 Env = dict[str, str | None]
@@ -67,14 +82,53 @@ def load_compose(path: Path = COMPOSE) -> Compose:
 
 
 def schema_problems(path: Path) -> list[str]:
+    return data_schema_problems(yaml.safe_load(path.read_text()))
+
+
+def data_schema_problems(data: Any) -> list[str]:
     schema = json.loads(SCHEMA.read_text())
     # The schema declares draft-07 as "https://json-schema.org/draft-07/schema", a spelling
     # jsonschema.validators.validator_for does not map, so pick the validator here.
     assert "draft-07" in schema["$schema"], schema["$schema"]
     jsonschema.Draft7Validator.check_schema(schema)
-    data = yaml.safe_load(path.read_text())
     errors = jsonschema.Draft7Validator(schema).iter_errors(data)
     return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+# Compose's merge rules for `-f base -f override` (the Compose specification's merge.md),
+# for the keys these files use: most sequences are replaced, these are unions...
+_UNION_LISTS = {"ports", "expose", "dns", "dns_search", "tmpfs", "external_links"}
+# ...and these merge by the mount target
+_BY_TARGET = {"volumes", "devices"}
+
+
+def _target(mount: Any) -> str:
+    if isinstance(mount, dict):
+        return str(mount.get("target"))
+    parts = str(mount).split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def merge_compose(base: Any, override: Any, key: str = "") -> Any:
+    """The merged view `docker compose -f base -f override config` shows."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for k, v in override.items():
+            merged[k] = merge_compose(base[k], v, k) if k in base else v
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        if key in _UNION_LISTS:
+            return [*base, *(item for item in override if item not in base)]
+        if key in _BY_TARGET:
+            replaced = {_target(m) for m in override}
+            return [*(m for m in base if _target(m) not in replaced), *override]
+    return copy.deepcopy(override)
+
+
+def load_cluster() -> Compose:
+    merged = merge_compose(load_compose(), load_compose(CLUSTER))
+    assert isinstance(merged, dict)
+    return merged
 
 
 def dockerfile_facts(path: Path = DOCKERFILE) -> tuple[str, Env]:
@@ -193,10 +247,28 @@ def deployment_file(service: dict[str, Any], root: Path) -> Path:
 # --- the checkers ------------------------------------------------------------------------
 
 
+def _cli_problem(command: list[str]) -> str | None:
+    """Why `beamline <args>` would not run: the CLI parser's own complaint, or None."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cli._parser().parse_args(command[1:])
+    except SystemExit as exc:
+        return err.getvalue().strip().splitlines()[-1] if exc.code else None
+    return None
+
+
 def command_problems(compose: Compose) -> list[str]:
     problems = []
     for name, service in beamline_services(compose).items():
         command = service.get("command")
+        if isinstance(command, list) and command[:1] == ["beamline"]:  # the console script
+            problem = _cli_problem(command)
+            if problem:
+                problems.append(f"{name}: {command!r}: {problem}")
+            elif command != INIT_COMMAND:
+                problems.append(f"{name}: {command!r} is not a container's job, only init is")
+            continue
         if not (isinstance(command, list) and command[:2] == ["python", "-m"]):
             problems.append(f"{name}: command {command!r} is not ['python', '-m', 'services.X']")
             continue
@@ -224,9 +296,10 @@ def variable_problems(compose: Compose, root: Path = ROOT) -> list[str]:
                 problems.append(f"{name}: {var} is read by no settings class nor by {path.name}")
         env = container_env(service)
         services = set(compose["services"])
-        nats = urlsplit(env.get("BEAMLINE_NATS_URL", ""))
-        if nats.scheme != "nats" or nats.hostname not in services:
-            problems.append(f"{name}: BEAMLINE_NATS_URL must be nats://<a compose service>")
+        for server in env.get("BEAMLINE_NATS_URL", "").split(","):
+            nats = urlsplit(server.strip())
+            if nats.scheme != "nats" or nats.hostname not in services:
+                problems.append(f"{name}: BEAMLINE_NATS_URL must be nats://<a compose service>")
         clickhouse = urlsplit(env.get("BEAMLINE_CLICKHOUSE_URL", ""))
         if clickhouse.scheme not in ("http", "https") or clickhouse.hostname not in services:
             problems.append(f"{name}: BEAMLINE_CLICKHOUSE_URL must be http://<a compose service>")
@@ -366,22 +439,51 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+INIT_COMMAND = ["beamline", "init"]
+
+
+def _module_of(service: dict[str, Any]) -> str:
+    """`services.X` -> X: the service a container runs (also its health name)."""
+    command = service.get("command") or []
+    return str(command[-1]).removeprefix("services.") if command[:2] == ["python", "-m"] else ""
+
+
 def _role_of(service: dict[str, Any]) -> nats_auth.Role | None:
-    module = service["command"][-1] if service.get("command") else ""
-    return nats_auth.SERVICE_ROLES.get(str(module).removeprefix("services."))
+    if service.get("command") == INIT_COMMAND:
+        return nats_auth.Role.INIT
+    return nats_auth.SERVICE_ROLES.get(_module_of(service))
+
+
+def nats_nodes(compose: Compose) -> dict[str, dict[str, Any]]:
+    """The nats-server containers: one, or the nodes of a cluster."""
+    return {
+        n: s for n, s in compose["services"].items() if str(s.get("image", "")).startswith("nats:")
+    }
+
+
+def _config_of(node: dict[str, Any]) -> str:
+    command = node.get("command") or []
+    return str(command[command.index("-c") + 1]) if "-c" in command else ""
 
 
 def nats_user_problems(compose: Compose) -> list[str]:
     """Each service connects as its role's user, with the password variable that the nats
-    container hands nats-server for that user; every user of auth.conf has one there."""
+    container hands nats-server for that user; every node has every user of auth.conf,
+    mounted beside the config it runs."""
     problems = []
     nats = compose["services"]["nats"]
     server_env = environment(nats)
-    for user in nats_auth.default_users():
-        if not server_env.get(user.password_env):
-            problems.append(f"nats: {user.password_env} is not set, nats-server will not start")
-    if _mounts(nats).get("/etc/nats/auth.conf") != "./infra/nats/auth.conf":
-        problems.append("nats: infra/nats/auth.conf is not mounted beside the config")
+    for node_name, node in nats_nodes(compose).items():
+        node_env = environment(node)
+        for user in nats_auth.default_users():
+            var = user.password_env
+            if not node_env.get(var):
+                problems.append(f"{node_name}: {var} is not set, nats-server will not start")
+            elif node_env[var] != server_env.get(var):
+                problems.append(f"{node_name}: {var} differs from the one nats gets")
+        beside = str(Path(_config_of(node)).parent / "auth.conf")
+        if _mounts(node).get(beside) != "./infra/nats/auth.conf":
+            problems.append(f"{node_name}: infra/nats/auth.conf is not mounted beside the config")
     for name, service in beamline_services(compose).items():
         role = _role_of(service)
         if role is None:
@@ -412,13 +514,201 @@ def clickhouse_user_problems(compose: Compose) -> list[str]:
         problems.append(f"clickhouse: {var} is not set, so that user has no password")
     for name, service in beamline_services(compose).items():
         url = urlsplit(environment(service).get("BEAMLINE_CLICKHOUSE_URL") or "")
-        want = "writer" if "services.recorder" in service["command"] else "readonly"
+        writes = "services.recorder" in service["command"] or service["command"] == INIT_COMMAND
+        want = "writer" if writes else "readonly"
         if url.username != want:
             problems.append(f"{name}: connects to ClickHouse as {url.username!r}, not {want!r}")
             continue
         var = f"CLICKHOUSE_{want.upper()}_PASSWORD"
         if url.password != server_env.get(var):
             problems.append(f"{name}: the ClickHouse password must be the container's {var}")
+    return problems
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, Any]:
+    depends = service.get("depends_on") or {}
+    if isinstance(depends, list):
+        return {d: {"condition": "service_started"} for d in depends}
+    return dict(depends)
+
+
+def lifecycle_problems(compose: Compose) -> list[str]:
+    """One init job (`beamline init`, run once), awaited by every service on NATS, and
+    adopted by a long-running one (which `docker compose up --wait` needs); every other
+    Beamline service has a healthcheck: `python -m beamline.health <its service>`."""
+    problems = []
+    services = beamline_services(compose)
+    inits = [n for n, s in services.items() if s.get("command") == INIT_COMMAND]
+    if len(inits) != 1:
+        return [f"want one init job running {INIT_COMMAND}, found {inits}"]
+    (init,) = inits
+    if services[init].get("restart") != "no":
+        problems.append(f'{init}: a one-shot job needs restart: "no"')
+    if "healthcheck" in services[init]:
+        problems.append(f"{init}: a one-shot job has no healthcheck")
+    if importlib.util.find_spec("beamline.health") is None:
+        problems.append("beamline.health does not exist: no healthcheck can run")
+    for name, service in services.items():
+        if name == init:
+            continue
+        module = _module_of(service)
+        waits = _depends_on(service).get(init, {}).get("condition")
+        if _role_of(service) and waits != "service_completed_successfully":
+            problems.append(f"{name}: connects to NATS but does not wait for {init} to complete")
+        test = (service.get("healthcheck") or {}).get("test")
+        if module in nats_auth.SERVICE_ROLES:
+            want = ["CMD", "python", "-m", "beamline.health", module]
+            if test != want:
+                problems.append(f"{name}: healthcheck {test!r} is not {want!r}")
+        elif not test:
+            problems.append(f"{name}: a long-running service without a healthcheck")
+    return problems
+
+
+_GRAFANA_VAR = re.compile(r"\$\$|\$\{(\w+)\}|\$(\w+)")
+
+
+def grafana_variables(root: Path = GRAFANA_PROVISIONING) -> dict[str, str]:
+    """`$VAR` and `${VAR}` in the values of Grafana's provisioning files (Grafana expands
+    them from its environment; keys and comments are not expanded; `$$` is a literal $) ->
+    the file that reads each."""
+    found: dict[str, str] = {}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value, where)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, where)
+        elif isinstance(node, str):
+            for match in _GRAFANA_VAR.finditer(node):
+                name = match.group(1) or match.group(2)
+                if name:
+                    found.setdefault(name, where)
+
+    for path in sorted(root.rglob("*.y*ml")):
+        walk(yaml.safe_load(path.read_text()), str(path.relative_to(root)))
+    return found
+
+
+def _grafana_expand(value: Any, env: dict[str, str]) -> str:
+    """A provisioning value as Grafana reads it with `env`."""
+    return _GRAFANA_VAR.sub(
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1) or m.group(2), ""),
+        str(value),
+    )
+
+
+def _pinned(reference: str, separator: str) -> bool:
+    name, _, version = reference.rpartition(separator)
+    return bool(name) and bool(re.fullmatch(r"v?\d+(\.\d+)+", version))
+
+
+def grafana_problems(compose: Compose, root: Path = GRAFANA_PROVISIONING) -> list[str]:
+    """A pinned image and plugin; the provisioning and dashboards where the provisioning
+    files look; every variable they read set here; ClickHouse read as `readonly`."""
+    problems = []
+    service = compose["services"].get("grafana")
+    if service is None:
+        return ["no grafana service"]
+    env = {k: interpolate(v, {}) for k, v in environment(service).items() if v is not None}
+    if not _pinned(str(service.get("image", "")), ":"):
+        problems.append(f"grafana: image {service.get('image')!r} is not pinned to a version")
+    plugins = env.get("GF_PLUGINS_PREINSTALL_SYNC", "").split(",")
+    plugin = next((p for p in plugins if p.split("@")[0] == grafana.PLUGIN), "")
+    if not _pinned(plugin, "@"):
+        problems.append(
+            f"grafana: GF_PLUGINS_PREINSTALL_SYNC must install {grafana.PLUGIN}@<version> "
+            f"before provisioning, not {plugin!r}"
+        )
+    mounts = _mounts(service)
+    if mounts.get("/etc/grafana/provisioning") != "./infra/grafana/provisioning":
+        problems.append("grafana: infra/grafana/provisioning is not at /etc/grafana/provisioning")
+    for provider in yaml.safe_load((root / "dashboards/beamline.yaml").read_text())["providers"]:
+        if mounts.get(provider["options"]["path"]) != "./dashboards":
+            problems.append(f"grafana: dashboards/ is not at {provider['options']['path']}")
+    for var, where in grafana_variables(root).items():
+        if not env.get(var):
+            problems.append(f"grafana: provisioning {where} reads ${var}, which is not set")
+    (source,) = yaml.safe_load((root / "datasources/clickhouse.yaml").read_text())["datasources"]
+    host = _grafana_expand(source["jsonData"]["host"], env)
+    if host not in compose["services"]:
+        problems.append(f"grafana: the datasource's host {host!r} is not a compose service")
+    if _grafana_expand(source["jsonData"]["username"], env) != "readonly":
+        problems.append("grafana: the datasource must read ClickHouse as readonly")
+    # the same host variable as the clickhouse container gives that user
+    password = _GRAFANA_VAR.fullmatch(source["secureJsonData"]["password"])
+    readonly = environment(compose["services"]["clickhouse"]).get("CLICKHOUSE_READONLY_PASSWORD")
+    var = (password.group(1) or password.group(2)) if password else ""
+    if not var or environment(service).get(var) != readonly:
+        problems.append("grafana: the datasource password is not the readonly user's")
+    test = " ".join(map(str, (service.get("healthcheck") or {}).get("test") or []))
+    if "/api/health" not in test:
+        problems.append("grafana: the healthcheck does not ask /api/health")
+    return problems
+
+
+def _route_targets(node_env: dict[str, str]) -> dict[str, str]:
+    """NATS_ROUTE_<n> -> the host each route URL names."""
+    return {
+        k: urlsplit(v).hostname or ""
+        for k, v in node_env.items()
+        if re.fullmatch(r"NATS_ROUTE_\d+", k)
+    }
+
+
+def cluster_problems(compose: Compose) -> list[str]:
+    """Three nodes routed to each other with their own password (which no Beamline
+    container gets), each with its own name and store; every service knows every node;
+    the init job declares R3 once every node is healthy."""
+    problems = []
+    nodes = nats_nodes(compose)
+    if len(nodes) < 3:
+        return [f"a cluster wants 3 nats nodes, found {sorted(nodes)}"]
+    envs = {
+        n: {k: str(v) for k, v in environment(s).items() if v is not None} for n, s in nodes.items()
+    }
+    names = [e.get("NATS_SERVER_NAME") for e in envs.values()]
+    if None in names or len(set(names)) != len(names):
+        problems.append(f"nats nodes need distinct NATS_SERVER_NAME values, have {names}")
+    for name, node in nodes.items():
+        env = envs[name]
+        if _mounts(node).get(_config_of(node)) != "./infra/nats/nats-cluster.conf":
+            problems.append(f"{name}: does not run infra/nats/nats-cluster.conf")
+        if not any(str(v).endswith(":/data") for v in node.get("volumes", [])):
+            problems.append(f"{name}: no store of its own at /data")
+        password = env.get("NATS_ROUTE_PASSWORD")
+        if not password or password != envs["nats"].get("NATS_ROUTE_PASSWORD"):
+            problems.append(f"{name}: NATS_ROUTE_PASSWORD must be set, the same on every node")
+        targets = _route_targets(env)
+        if sorted(targets.values()) != sorted(nodes):
+            problems.append(f"{name}: routes {sorted(targets.values())} are not {sorted(nodes)}")
+        for var in targets:
+            url = urlsplit(env[var])
+            if url.scheme != "nats-route" or url.username != "route" or url.password != password:
+                problems.append(f"{name}: {var} must be nats-route://route:<NATS_ROUTE_PASSWORD>@…")
+    for name, service in beamline_services(compose).items():
+        wants = environment(service)
+        if any(k.startswith("NATS_ROUTE") for k in wants):
+            problems.append(f"{name}: a Beamline service must not get the route password")
+        servers = {
+            urlsplit(u.strip()).hostname for u in (wants.get("BEAMLINE_NATS_URL") or "").split(",")
+        }
+        if servers != set(nodes):
+            problems.append(
+                f"{name}: BEAMLINE_NATS_URL names {sorted(map(str, servers))}, not every node"
+            )
+        if service.get("command") == INIT_COMMAND:
+            if wants.get("BEAMLINE_STREAM_REPLICAS") != str(len(nodes)):
+                problems.append(f"{name}: BEAMLINE_STREAM_REPLICAS must be {len(nodes)}")
+            healthy = {
+                d
+                for d, c in _depends_on(service).items()
+                if c.get("condition") == "service_healthy"
+            }
+            if not set(nodes) <= healthy:
+                problems.append(f"{name}: an R3 stream needs every node healthy first")
     return problems
 
 
@@ -444,10 +734,87 @@ def test_the_schema_is_kept_with_its_licence() -> None:
         health_problems,
         nats_user_problems,
         clickhouse_user_problems,
+        lifecycle_problems,
+        grafana_problems,
     ],
 )
 def test_the_compose_file_is_consistent(check: Callable[[Compose], list[str]]) -> None:
     assert check(load_compose()) == []
+
+
+CHECKS: list[Callable[[Compose], list[str]]] = [
+    command_problems,
+    variable_problems,
+    deployment_problems,
+    volume_problems,
+    port_problems,
+    health_problems,
+    nats_user_problems,
+    clickhouse_user_problems,
+    lifecycle_problems,
+    grafana_problems,
+]
+
+
+def test_the_cluster_override_validates_alone_and_merged() -> None:
+    assert schema_problems(CLUSTER) == []
+    assert data_schema_problems(load_cluster()) == []
+
+
+@pytest.mark.parametrize("check", [*CHECKS, cluster_problems])
+def test_the_cluster_profile_is_consistent(check: Callable[[Compose], list[str]]) -> None:
+    assert check(load_cluster()) == []
+
+
+def test_no_secret_is_written_in_the_cluster_override() -> None:
+    assert secret_problems(load_cluster(), CLUSTER.read_text()) == []
+
+
+def test_the_single_server_is_no_cluster() -> None:
+    assert cluster_problems(load_compose()) == ["a cluster wants 3 nats nodes, found ['nats']"]
+
+
+def test_the_merge_follows_compose_rules() -> None:
+    base = {
+        "services": {
+            "a": {
+                "command": ["x"],
+                "environment": {"A": "1", "B": "2"},
+                "volumes": ["v:/data", "./c:/etc/c:ro"],
+                "ports": ["1:1"],
+            }
+        }
+    }
+    override = {
+        "services": {
+            "a": {
+                "command": ["y"],
+                "environment": {"B": "3"},
+                "volumes": ["./d:/etc/c:ro"],
+                "ports": ["2:2"],
+            }
+        }
+    }
+    assert merge_compose(base, override) == {
+        "services": {
+            "a": {
+                "command": ["y"],
+                "environment": {"A": "1", "B": "3"},
+                "volumes": ["v:/data", "./d:/etc/c:ro"],
+                "ports": ["1:1", "2:2"],
+            }
+        }
+    }
+
+
+def test_every_grafana_provisioning_variable_is_found() -> None:
+    assert set(grafana_variables()) == {
+        "CLICKHOUSE_HOST",
+        "CLICKHOUSE_HTTP_PORT",
+        "CLICKHOUSE_DATABASE",
+        "CLICKHOUSE_GRAFANA_USER",
+        "CLICKHOUSE_GRAFANA_PASSWORD",
+    }
 
 
 def test_no_secret_is_written_in_the_compose_file() -> None:
@@ -486,9 +853,12 @@ def test_a_host_key_reaches_the_gateway_only_from_the_host() -> None:
             assert not any(_KEY_NAME.search(var) for var in environment(service)), name
 
 
-def nats_server_check(config: Path) -> subprocess.CompletedProcess[bytes]:
-    """`nats-server -t` with the nats container's environment (its password defaults)."""
-    env = container_env(load_compose()["services"]["nats"])
+def nats_server_check(
+    config: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """`nats-server -t` with a nats container's environment (by default the single server's,
+    with its password defaults)."""
+    env = env if env is not None else container_env(load_compose()["services"]["nats"])
     return subprocess.run(
         [nats_server_binary(), "-c", str(config), "-t"],
         capture_output=True,
@@ -512,6 +882,15 @@ def test_the_nats_config_is_valid_and_sets_sync_interval_consciously() -> None:
         assert (ROOT / mounted[inside]).resolve() == NATS_CONF.parent / include
     done = nats_server_check(NATS_CONF)
     assert done.returncode == 0, done.stderr
+
+
+def test_each_cluster_node_config_is_valid() -> None:
+    compose = load_cluster()
+    for name, node in nats_nodes(compose).items():
+        assert (ROOT / _mounts(node)[_config_of(node)]).resolve() == CLUSTER_CONF, name
+        env = {k: interpolate(v, {}) for k, v in environment(node).items() if v is not None}
+        done = nats_server_check(CLUSTER_CONF, env)
+        assert done.returncode == 0, (name, done.stderr)
 
 
 def test_nats_server_rejects_a_broken_config(tmp_path: Path) -> None:
@@ -615,6 +994,8 @@ def _drop_mount(service: str, fragment: str) -> Callable[[Compose], None]:
     [
         (command_problems, _command("gateway", ["python", "-m", "services.gatewy"]), "gatewy"),
         (command_problems, _command("gateway", ["beamline", "up"]), "is not"),
+        (command_problems, _command("gateway", ["node", "gateway.js"]), "is not"),
+        (command_problems, _command("init", ["beamline", "iniit"]), "invalid choice"),
         (variable_problems, _set("BEAMLINE_NATS_URI", "nats://nats:4222"), "BEAMLINE_NATS_URI"),
         (variable_problems, _set("BEAMLINE_RECORDER_BATCH", "10", "recorder"), "BATCH"),
         (variable_problems, _drop("BEAMLINE_NATS_URL"), "BEAMLINE_NATS_URL"),
@@ -635,8 +1016,8 @@ def _drop_mount(service: str, fragment: str) -> Callable[[Compose], None]:
         (volume_problems, _bind_missing, "missing.conf"),
         (port_problems, _expose, "4222"),
         (health_problems, _depends("recorder", "nats", "service_started"), "service_healthy"),
-        (health_problems, _depends("agent-host", "gateway", "service_healthy"), "no healthcheck"),
-        (health_problems, _depends("agent-host", "grafana", "service_started"), "unknown"),
+        (health_problems, _depends("agent-host", "init", "service_healthy"), "no healthcheck"),
+        (health_problems, _depends("agent-host", "prometheus", "service_started"), "unknown"),
         (health_problems, _drop_healthcheck, "clickhouse"),
         (nats_user_problems, _set("BEAMLINE_NATS_USER", "admin", "agent-host"), "'agent'"),
         (
@@ -671,6 +1052,53 @@ def _drop_mount(service: str, fragment: str) -> Callable[[Compose], None]:
             lambda c: _services(c)["clickhouse"]["environment"].pop("CLICKHOUSE_WRITER_PASSWORD"),
             "CLICKHOUSE_WRITER_PASSWORD is not set",
         ),
+        (
+            clickhouse_user_problems,
+            _set("BEAMLINE_CLICKHOUSE_URL", "http://readonly:x@clickhouse:8123/default", "init"),
+            "not 'writer'",
+        ),
+        (lifecycle_problems, lambda c: _services(c)["init"].update(restart="always"), "restart"),
+        (
+            lifecycle_problems,
+            lambda c: _services(c)["agent-host"].update(
+                depends_on={"nats": {"condition": "service_healthy"}}
+            ),
+            "agent-host: connects to NATS but does not wait for init",
+        ),
+        (
+            lifecycle_problems,
+            lambda c: _services(c)["gateway"]["healthcheck"].update(
+                test=["CMD", "python", "-m", "beamline.health", "agent"]
+            ),
+            "gateway: healthcheck",
+        ),
+        (lifecycle_problems, lambda c: _services(c)["recorder"].pop("healthcheck"), "recorder"),
+        (lifecycle_problems, lambda c: _services(c).pop("init"), "want one init job"),
+        (grafana_problems, _set("CLICKHOUSE_HTTP_PORT", None, "grafana"), "CLICKHOUSE_HTTP_PORT"),
+        (
+            grafana_problems,
+            _set("GF_PLUGINS_PREINSTALL_SYNC", "grafana-clickhouse-datasource", "grafana"),
+            "GF_PLUGINS_PREINSTALL_SYNC",
+        ),
+        (
+            grafana_problems,
+            lambda c: _services(c)["grafana"].update(image="grafana/grafana:latest"),
+            "not pinned",
+        ),
+        (grafana_problems, _set("CLICKHOUSE_GRAFANA_USER", "writer", "grafana"), "readonly"),
+        (
+            grafana_problems,
+            _set("CLICKHOUSE_GRAFANA_PASSWORD", "${CLICKHOUSE_WRITER_PASSWORD:-writer}", "grafana"),
+            "password",
+        ),
+        (grafana_problems, _set("CLICKHOUSE_HOST", "localhost", "grafana"), "'localhost'"),
+        (grafana_problems, _drop_mount("grafana", "provisioning"), "provisioning"),
+        (grafana_problems, _drop_mount("grafana", "dashboards"), "dashboards"),
+        (
+            grafana_problems,
+            lambda c: _services(c)["grafana"]["healthcheck"].update(test=["CMD", "true"]),
+            "/api/health",
+        ),
     ],
 )
 def test_each_check_rejects_a_broken_copy(
@@ -682,6 +1110,78 @@ def test_each_check_rejects_a_broken_copy(
     mutate(compose)
     problems = check(compose)
     assert any(message in p for p in problems), problems
+
+
+def _node_env(node: str, var: str, value: str | None) -> Callable[[Compose], None]:
+    def mutate(c: Compose) -> None:
+        if value is None:
+            _services(c)[node]["environment"].pop(var)
+        else:
+            _services(c)[node]["environment"][var] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("check", "mutate", "message"),
+    [
+        (cluster_problems, _node_env("nats-3", "NATS_SERVER_NAME", "nats-2"), "distinct"),
+        (cluster_problems, _node_env("nats-2", "NATS_ROUTE_PASSWORD", "${OTHER}"), "the same"),
+        (cluster_problems, _node_env("nats-2", "NATS_ROUTE_3", None), "nats-2: routes"),
+        (
+            cluster_problems,
+            _node_env("nats", "NATS_ROUTE_2", "nats-route://nats-2:6222"),
+            "nats: NATS_ROUTE_2 must be",
+        ),
+        (
+            cluster_problems,
+            _set("NATS_ROUTE_PASSWORD", "${NATS_ROUTE_PASSWORD}", "gateway"),
+            "route",
+        ),
+        (
+            cluster_problems,
+            _set("BEAMLINE_NATS_URL", "nats://nats:4222", "agent-host"),
+            "every node",
+        ),
+        (cluster_problems, _set("BEAMLINE_STREAM_REPLICAS", "1", "init"), "must be 3"),
+        (
+            cluster_problems,
+            lambda c: _services(c)["init"]["depends_on"].pop("nats-3"),
+            "every node healthy",
+        ),
+        (
+            cluster_problems,
+            lambda c: _services(c)["nats-3"].update(volumes=["./infra/nats/auth.conf:/x:ro"]),
+            "nats-3: does not run",
+        ),
+        (nats_user_problems, _node_env("nats-2", "NATS_ADMIN_PASSWORD", None), "nats-2"),
+        (nats_user_problems, _node_env("nats-3", "NATS_AGENT_PASSWORD", "${X:-x}"), "differs"),
+    ],
+)
+def test_each_cluster_check_rejects_a_broken_copy(
+    check: Callable[[Compose], list[str]], mutate: Callable[[Compose], None], message: str
+) -> None:
+    compose = copy.deepcopy(load_cluster())
+    for service in compose["services"].values():  # unshare anchored mappings
+        for key in ("environment", "depends_on"):
+            if key in service:
+                service[key] = dict(service[key])
+    mutate(compose)
+    problems = check(compose)
+    assert any(message in p for p in problems), problems
+
+
+def test_a_provisioning_variable_grafana_lacks_is_named(tmp_path: Path) -> None:
+    shutil.copytree(GRAFANA_PROVISIONING, tmp_path / "provisioning")
+    datasource = tmp_path / "provisioning/datasources/clickhouse.yaml"
+    datasource.write_text(
+        datasource.read_text().replace("defaultTable: bl_messages", "defaultTable: $TABLE_X")
+        + "# $IN_A_COMMENT is not read\n"
+    )
+    problems = grafana_problems(load_compose(), tmp_path / "provisioning")
+    assert problems == [
+        "grafana: provisioning datasources/clickhouse.yaml reads $TABLE_X, which is not set"
+    ]
 
 
 def test_a_deployment_variable_without_default_must_be_set(tmp_path: Path) -> None:
