@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from beamline import bus
-from bench import e2e, recorder, recorder_lag, restart
+from bench import density, e2e, pool, recorder, recorder_lag, restart
 from bench.local_nats import local_mesh, local_nats
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,12 +110,19 @@ async def bench_restart(work: Path) -> dict[str, Any]:
     return result
 
 
+async def bench_density(work: Path) -> dict[str, Any]:
+    config, script = pool.write_inputs(work)
+    async with local_mesh(work, config, script, BEAMLINE_SUPERVISOR_SETTLE_S="0.2") as (m, nc):
+        return await density.density(m, nc)
+
+
 BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
     "e2e": bench_e2e,
     "restart": bench_restart,
     "recorder": bench_recorder,
     "trace_lookup": bench_trace_lookup,
     "recorder_lag": bench_recorder_lag,
+    "density": bench_density,
 }
 
 
