@@ -3,7 +3,8 @@
 Prints a table and writes bench/results/latest.json. Sized for a 2-core machine.
 
 `python -m bench NAME...` runs only the benches named (e2e, restart, recorder,
-trace_lookup, recorder_lag) and updates their figures in latest.json, keeping the others.
+trace_lookup, recorder_lag, density, rehome) and updates their figures in latest.json,
+keeping the others.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from beamline import bus
-from bench import density, e2e, pool, recorder, recorder_lag, restart
+from bench import density, e2e, pool, recorder, recorder_lag, rehome, restart
 from bench.local_nats import local_mesh, local_nats
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,6 +117,13 @@ async def bench_density(work: Path) -> dict[str, Any]:
         return await density.density(m, nc)
 
 
+async def bench_rehome(work: Path) -> dict[str, Any]:
+    config, script = pool.write_inputs(work)
+    env = {"BEAMLINE_SUPERVISOR_SETTLE_S": "0.2", "BEAMLINE_AGENT_HOST_ID": "host-a"}
+    async with local_mesh(work, config, script, **env) as (m, nc):
+        return await rehome.host_loss(m, nc)
+
+
 BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
     "e2e": bench_e2e,
     "restart": bench_restart,
@@ -123,6 +131,7 @@ BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
     "trace_lookup": bench_trace_lookup,
     "recorder_lag": bench_recorder_lag,
     "density": bench_density,
+    "rehome": bench_rehome,
 }
 
 
