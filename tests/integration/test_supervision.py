@@ -344,7 +344,8 @@ async def test_the_cli_shows_ps_and_the_tree_and_names_unknown_agents(
     assert any(r.split()[:4] == ["steady", "root", "host-a", "idle"] for r in rows)
     code, tree = await beamline("tree")
     assert code == 0 and tree.splitlines()[0].startswith("root (one_for_one, 0/10 restarts")
-    assert "└─ hot [running] on host-a" in tree
+    assert "─ hot [running] on host-a" in tree
+    assert "└─ pool (simple_one_for_one, pool of worker x0" in tree
     code, out = await beamline("kill", "nobody")
     assert code == 2 and "no agent or supervisor named 'nobody'" in out
     code, out = await beamline("restart", "steady", "--json")
