@@ -6,7 +6,8 @@ import asyncio
 import logging
 from typing import Any
 
-from beamline import bus, config, streams
+from beamline import bus, config, nats_auth, streams
+from beamline.nats_auth import Role
 from beamline.service import answer_health
 from beamline.settings import MeshSettings
 from services.agent.control import Control
@@ -27,7 +28,7 @@ async def main(stop: asyncio.Event) -> None:
 
     nc = await bus.connect(mesh.nats_url, f"agent-host:{settings.host_id}")
     js = nc.jetstream()
-    await streams.ensure_streams(js, mesh.mailbox_shards)
+    await streams.require_layout(js, nats_auth.USES[Role.AGENT], mesh.layout_wait_s)
     ctx = HostContext(nc=nc, js=js, journal=Journal(js), settings=settings)
     host = Host(ctx, deployment, settings, mesh.max_message_bytes, mesh.mailbox_shards)
     dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes)

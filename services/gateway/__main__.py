@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from beamline import bus, config, streams, subjects
+from beamline import bus, config, nats_auth, streams, subjects
+from beamline.nats_auth import Role
 from beamline.service import run
 from beamline.settings import MeshSettings
 from services.gateway.service import SERVICE, Gateway
@@ -21,7 +22,7 @@ async def main(stop: asyncio.Event) -> None:
     nc = await bus.connect(mesh.nats_url, SERVICE)
     try:
         js = nc.jetstream()
-        await streams.ensure_streams(js, mesh.mailbox_shards)
+        await streams.require_layout(js, nats_auth.USES[Role.GATEWAY], mesh.layout_wait_s)
         kv = await js.key_value(subjects.BUCKET_LLM_RESULTS)
         gateway = Gateway(settings, mesh, deployment, nc, kv)
         await gateway.start()

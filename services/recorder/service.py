@@ -1,7 +1,8 @@
 """The recorder: every message of every recorded stream into ClickHouse, acked only once stored.
 
-This module is the shell: it declares the JetStream layout, wires the parts together, and
-starts and stops them. The parts, one job each:
+This module is the shell: it checks that the streams exist (`beamline init` declares
+them), declares its consumers, wires the parts together, and starts and stops them. The
+parts, one job each:
 
 - `puller`: one durable pull consumer `recorder` per stream, driven by raw pull requests
   into a core-NATS inbox, asking only for what the recorder can hold;
@@ -30,7 +31,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from beamline import bus, storage, streams, subjects
+from beamline import bus, nats_auth, storage, streams, subjects
 from beamline.errors import ConfigError
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
@@ -113,24 +114,30 @@ class Recorder:
         self.spawn(self.ensure_consumer(stream))
 
     async def _ensure_layout(self) -> None:
-        await streams.ensure_streams(self.js, self.mesh.mailbox_shards)
         for stream in self.streams:
             await self.ensure_consumer(stream)
 
     async def _check_layout(self) -> None:
-        """Recreate a consumer (or stream) someone deleted; idempotent when all is well."""
+        """Recreate a consumer someone deleted; idempotent when all is well. A deleted stream
+        is the init job's to declare again: the recorder's NATS user may not."""
         try:
             for stream in self.streams:
                 try:
                     await self.ensure_consumer(stream)
                 except NotFoundError:
-                    log.warning("stream missing; recreating the layout", extra={"stream": stream})
-                    await self._ensure_layout()
+                    log.warning(
+                        "stream missing; run `beamline init` to declare it again",
+                        extra={"stream": stream},
+                    )
         except Exception as exc:  # NATS down: the next check tries again
             log.debug("consumer check failed", extra={"error": first_line(exc)})
 
     async def _await_layout(self, stop: asyncio.Event) -> bool:
-        """Declare the layout, retrying while JetStream starts; False if `stop` came first."""
+        """Wait (bounded) for the streams, then declare the consumers, retrying while
+        JetStream starts; False if `stop` came first. Raises ConfigError, naming them, when
+        the streams do not appear within BEAMLINE_LAYOUT_WAIT_S."""
+        uses = nats_auth.Uses(streams=self.streams)
+        await streams.require_layout(self.js, uses, self.mesh.layout_wait_s)
         attempt = 0
         while True:  # JetStream may still be starting: retry instead of exiting
             try:
@@ -140,7 +147,7 @@ class Recorder:
                 attempt += 1
                 delay = backoff(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
                 log.error(
-                    f"cannot set up the JetStream streams and consumers; retrying in "
+                    f"cannot set up the recorder's JetStream consumers; retrying in "
                     f"{delay:.1f}s. Check that NATS at BEAMLINE_NATS_URL runs with JetStream",
                     extra={"error": first_line(exc), "attempt": attempt},
                 )

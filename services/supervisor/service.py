@@ -14,10 +14,11 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from beamline import bus, config, streams, subjects
+from beamline import bus, config, nats_auth, streams, subjects
 from beamline.control import ChildExit, ControlReply, HostHeartbeat, parse
 from beamline.errors import CallerError
 from beamline.events import EventSink
+from beamline.nats_auth import Role
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.supervisor.admin import Admin
@@ -37,7 +38,7 @@ async def main(stop: asyncio.Event) -> None:
     deployment = config.load(mesh.config)
     nc = await bus.connect(mesh.nats_url, f"supervisor:{settings.instance_id}")
     js = nc.jetstream()
-    await streams.ensure_streams(js, mesh.mailbox_shards)
+    await streams.require_layout(js, nats_auth.USES[Role.SUPERVISOR], mesh.layout_wait_s)
     kv = await js.key_value(subjects.BUCKET_SUPERVISOR)
     events = EventSink(js, SOURCE)
     events.start()

@@ -24,10 +24,11 @@ subject carries a random token nobody else sees.)
 JetStream. Each role gets the API subjects of its own streams and consumers only:
 `$JS.API.CONSUMER.<verb>.<stream>.<consumer>`, `$JS.ACK.<stream>.<consumer>.>`, and so on.
 Declaring the layout (stream INFO/CREATE/UPDATE on the Beamline streams and buckets, never
-DELETE or PURGE) belongs to `init` and `admin`. The services still declare it themselves
-at start (`streams.ensure_streams`), so they hold it too (`_DECLARED_AT_START`): a
-compromised service could re-declare a stream's limits. Drop that grant once an init job
-alone declares the layout.
+DELETE or PURGE) belongs to `init` (the job `beamline init`, compose's `init`) and `admin`
+(`beamline up` declares it before it starts the embedded services). A service may not create
+or update a stream or bucket, so a compromised one cannot re-declare a stream's limits: at
+start it only checks that what it uses exists (`streams.require_layout`), which takes
+`$JS.API.STREAM.INFO.<stream>` on exactly those (`USES`), and exits naming what is missing.
 
 Passwords: `$NATS_<USER>_PASSWORD` in the container config (nats-server reads the
 environment), random literals in the embedded runtime's config, whose copy for clients is a
@@ -161,10 +162,43 @@ BUCKETS: Final = (
     subjects.BUCKET_ATTEMPTS,
     subjects.BUCKET_SUPERVISOR,
 )
+# what only `init` and `admin` may do: declare every stream and bucket
 LAYOUT: Final = _declare((*subjects.RECORDED_STREAMS, *(kv_stream(b) for b in BUCKETS)))
-# The services still call streams.ensure_streams at start, so they need LAYOUT too (see the
-# module docstring); remove this from their rights once an init job alone declares it.
-_DECLARED_AT_START: Final = LAYOUT
+
+
+class Uses(BaseModel):
+    """The streams and buckets one service works with. It checks at start that each exists
+    (`streams.require_layout`), for which it may look each up (STREAM.INFO), and no more."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    streams: tuple[str, ...] = ()
+    buckets: tuple[str, ...] = ()
+
+    def lookups(self) -> tuple[str, ...]:
+        names = (*self.streams, *(kv_stream(b) for b in self.buckets))
+        return tuple(_api("STREAM", "INFO", name) for name in names)
+
+
+USES: Final[Mapping[Role, Uses]] = {
+    Role.AGENT: Uses(
+        streams=(
+            subjects.STREAM_TASKS,  # role dispatch consumes it
+            subjects.STREAM_MAILBOX,  # the shard and pinned-agent consumers
+            subjects.STREAM_JOURNAL,  # written and read back
+            subjects.STREAM_REPLIES,
+            subjects.STREAM_EVENTS,
+            subjects.STREAM_DLQ,
+        ),
+        buckets=(subjects.BUCKET_ATTEMPTS,),
+    ),
+    Role.SUPERVISOR: Uses(streams=(subjects.STREAM_EVENTS,), buckets=(subjects.BUCKET_SUPERVISOR,)),
+    Role.GATEWAY: Uses(
+        streams=(subjects.STREAM_EVENTS, subjects.STREAM_DLQ),
+        buckets=(subjects.BUCKET_LLM_RESULTS,),
+    ),
+    Role.RECORDER: Uses(streams=subjects.RECORDED_STREAMS),
+}
 
 
 # --- the model -----------------------------------------------------------------------
@@ -224,7 +258,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             *_durable(subjects.STREAM_MAILBOX, "*"),  # shard and pinned-agent consumers
             _api("DIRECT", "GET", subjects.STREAM_JOURNAL),  # rebuilding state from a journal
             *_bucket(subjects.BUCKET_ATTEMPTS),
-            *_DECLARED_AT_START,
+            *USES[Role.AGENT].lookups(),
         ),
         subscribe=(
             _below(subjects.DELIVER_DISPATCH),  # every push consumer of the host delivers here
@@ -240,7 +274,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             _events(Role.SUPERVISOR),
             subjects.health("supervisor"),  # its container healthcheck asks itself
             *_bucket(subjects.BUCKET_SUPERVISOR),  # the leader's lease and the tree's state
-            *_DECLARED_AT_START,
+            *USES[Role.SUPERVISOR].lookups(),
         ),
         subscribe=(
             subjects.HEARTBEATS_ALL,
@@ -257,7 +291,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             subjects.health("gateway"),  # its container healthcheck asks itself
             subjects.dlq("gateway"),
             *_bucket(subjects.BUCKET_LLM_RESULTS),
-            *_DECLARED_AT_START,
+            *USES[Role.GATEWAY].lookups(),
         ),
         subscribe=(_queue(subjects.LLM_ALL, subjects.QUEUE_GATEWAY), _health("gateway")),
     ),
@@ -275,7 +309,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
                     _pull(stream, subjects.CONSUMER_RECORDER),
                 )
             ),
-            *_DECLARED_AT_START,
+            *USES[Role.RECORDER].lookups(),
         ),
         subscribe=(_queue(subjects.QUERY, subjects.QUEUE_RECORDER), _health("recorder")),
     ),

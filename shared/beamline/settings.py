@@ -40,8 +40,15 @@ class MeshSettings(BaseSettings):
         ge=1,
         le=5,
         description="Replicas of each JetStream stream and bucket that `beamline init` "
-        "declares: 1 on a single server, 3 on a 3-node cluster. Services that declare the "
-        "layout at start keep an existing stream's replicas.",
+        "declares: 1 on a single server, 3 on a 3-node cluster. `beamline up`, which "
+        "declares the layout without this, keeps an existing stream's replicas.",
+    )
+    layout_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How long a service waits at start for the streams and buckets that "
+        "`beamline init` declares, then exits naming what is missing.",
     )
     config: Path = Field(
         default=Path("infra/examples/research-team.yaml"),

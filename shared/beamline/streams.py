@@ -1,4 +1,5 @@
-"""The JetStream layout, declared once and applied idempotently (`beamline up`, tests, init).
+"""The JetStream layout, declared once and applied idempotently (`beamline init`, `beamline
+up`, tests), and checked by each service at start (`require_layout`).
 
 Mailboxes: one stream for every agent. Inbox subjects `bl.agent.<id>.inbox` are rewritten by
 the server into `bl.mbox.<shard>.<id>` (a hash partition of the agent id), and a host holds
@@ -8,14 +9,22 @@ Per-agent order holds because a shard is consumed by one host, in stream order, 
 agent works through its own queue one message at a time.
 
 Replicas: the init job (`beamline init`) declares the layout with BEAMLINE_STREAM_REPLICAS
-(3 on a 3-node cluster). The services still call `ensure_streams` at start without a replica
-count, and then an existing stream or bucket keeps the replicas it has: a service never
-scales the layout down (nats-server reads an update without replicas as R1).
+(3 on a 3-node cluster). `ensure_streams` without a replica count (the embedded `beamline
+up`) leaves an existing stream or bucket the replicas it has: it never scales the layout down
+(nats-server reads an update without replicas as R1).
+
+Who declares: only the `init` and `admin` NATS users may (`nats_auth.LAYOUT`). A service
+checks at start that the streams and buckets it uses exist (`require_layout`, with the
+lookups `nats_auth.USES` grants it), waiting a bounded time for an init job that runs
+alongside it, and then exits with a ConfigError naming what is missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
 from datetime import timedelta
 
 from nats.js.api import (
@@ -30,7 +39,8 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
 from beamline import subjects
-from beamline.nats_auth import kv_stream
+from beamline.errors import ConfigError
+from beamline.nats_auth import Uses, kv_stream
 
 log = logging.getLogger("beamline.streams")
 
@@ -41,6 +51,11 @@ DAY = 24 * 3600
 STREAM_MAX_MSG = 1024 * 1024
 # nats-server 2.15 caps consumers per stream at 1,000 unless a stream sets its own limit.
 MAX_CONSUMERS = 4096
+# require_layout: checks while the init job may still be declaring, doubling to a cap
+LAYOUT_RETRY_S = 0.25
+LAYOUT_RETRY_CAP_S = 4.0
+# one check's lookups: JetStream answers in milliseconds, or is not ready yet
+LAYOUT_LOOKUP_S = 2.0
 
 
 def stream_configs(shards: int) -> list[StreamConfig]:
@@ -125,3 +140,81 @@ async def _ensure_bucket(
     if replicas and info.config.num_replicas != replicas:
         await js.update_stream(info.config.evolve(num_replicas=replicas))
         log.info("bucket replicas changed", extra={"bucket": bucket.bucket, "replicas": replicas})
+
+
+# --- what a service checks at start ----------------------------------------------------
+
+
+async def require_layout(js: JetStreamContext, uses: Uses, wait_s: float) -> None:
+    """Return once every stream and bucket in `uses` exists on the server; after `wait_s`
+    seconds without them, raise ConfigError naming what is missing and how to declare it.
+
+    A service does not declare the layout (its NATS user may not): the init job does, and
+    compose starts it first, but a slow init, a JetStream still electing its leaders or a
+    hand-started service must not be fatal at once. Lookups that fail otherwise (timeouts,
+    503s) count as missing until the deadline, and the error then says why.
+    """
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        missing = await missing_layout(js, uses)
+        if not missing:
+            return
+        attempt += 1
+        delay = min(layout_retry_s(attempt), deadline - time.monotonic())
+        if delay <= 0:
+            raise ConfigError(layout_missing_message(missing, wait_s))
+        log.warning(
+            "waiting for the JetStream layout that `beamline init` declares",
+            extra={
+                "missing": ", ".join(missing),
+                "attempt": attempt,
+                "retry_in_s": round(delay, 2),
+            },
+        )
+        await asyncio.sleep(delay)
+
+
+async def missing_layout(js: JetStreamContext, uses: Uses) -> dict[str, str]:
+    """What of `uses` the server does not hold: {"stream BL_TASKS": "not found", ...}."""
+    wanted = {
+        **{f"stream {s}": s for s in uses.streams},
+        **{f"bucket {b}": kv_stream(b) for b in uses.buckets},
+    }
+    found = await asyncio.gather(
+        *(asyncio.wait_for(js.stream_info(name), LAYOUT_LOOKUP_S) for name in wanted.values()),
+        return_exceptions=True,
+    )
+    return {
+        what: _why_missing(result)
+        for what, result in zip(wanted, found, strict=True)
+        if isinstance(result, BaseException)
+    }
+
+
+def _why_missing(exc: BaseException) -> str:
+    if isinstance(exc, NotFoundError):
+        return "not found"
+    if isinstance(exc, TimeoutError):  # nats-py's TimeoutError subclasses it
+        return "JetStream did not answer: is it enabled and up?"
+    return str(exc) or type(exc).__name__
+
+
+def layout_retry_s(attempt: int) -> float:
+    """Seconds before check `attempt` + 1: doubling from 0.25 s to 4 s, jittered in the
+    upper half so services started together do not ask together."""
+    ceiling = min(LAYOUT_RETRY_CAP_S, LAYOUT_RETRY_S * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def layout_missing_message(missing: dict[str, str], wait_s: float) -> str:
+    if set(missing.values()) == {"not found"}:
+        what = f"{', '.join(missing)} not found after waiting {wait_s:g} s"
+    else:
+        reasons = ", ".join(f"{name} ({why})" for name, why in missing.items())
+        what = f"after waiting {wait_s:g} s, still missing: {reasons}"
+    return (
+        f"the JetStream layout is not declared: {what}. Run `beamline init` against this NATS "
+        "server (as the NATS user `init` or `admin`) to declare the streams and buckets; "
+        "`make up` runs it as the compose job `init`"
+    )

@@ -363,21 +363,28 @@ async def test_the_cluster_profile_runs_init_with_three_replicas(tmp_path: Path)
         for name in (*subjects.RECORDED_STREAMS, subjects.BUCKET_SUPERVISOR):
             assert re.search(rf"(stream|bucket) {name} R3$", done.stdout, re.MULTILINE), done.stdout
 
-        # a service declares the layout at start (as the agent host does) without replicas:
-        # the streams keep theirs
+        # a service only checks the layout at start, and sees it replicated; declaring it
+        # again without a replica count (as `beamline up` does) keeps the replicas
         agent = beamline_services(cluster)["agent-host"]
         url = host.env(agent)["BEAMLINE_NATS_URL"]
-        credentials = Credentials(user="agent", password=_password("agent"))
-        nc = await bus.connect(url, "wiring-agent", credentials, give_up_s=10)
-        try:
-            js = nc.jetstream()
-            await streams.ensure_streams(js, 32)
-            for stream in (subjects.STREAM_TASKS, nats_auth.kv_stream(subjects.BUCKET_SUPERVISOR)):
-                info = await js.stream_info(stream)
-                assert info.config.num_replicas == 3, stream
-                assert info.cluster is not None and len(info.cluster.replicas or []) == 2
-        finally:
-            await nc.close()
+        for user in ("agent", "init"):
+            credentials = Credentials(user=user, password=_password(user))
+            nc = await bus.connect(url, f"wiring-{user}", credentials, give_up_s=10)
+            try:
+                js = nc.jetstream()
+                if user == "agent":
+                    await streams.require_layout(js, nats_auth.USES[nats_auth.Role.AGENT], 10)
+                else:
+                    await streams.ensure_streams(js, 32)
+                for stream in (
+                    subjects.STREAM_TASKS,
+                    nats_auth.kv_stream(subjects.BUCKET_ATTEMPTS),
+                ):
+                    info = await js.stream_info(stream)
+                    assert info.config.num_replicas == 3, (user, stream)
+                    assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+            finally:
+                await nc.close()
     finally:
         for server in servers:
             server.kill()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
 from pydantic import SecretStr
 
 from beamline import bus, client, nats_auth, streams, subjects
@@ -395,6 +395,42 @@ async def test_the_operator_declares_the_layout_and_lists_consumers(connect: Con
     js = admin.nc.jetstream()
     await streams.ensure_streams(js, MeshSettings().mailbox_shards)  # what `beamline up` does
     assert [c.name for c in await js.consumers_info(subjects.STREAM_MAILBOX)] == []
+    assert not admin.errors
+
+
+SERVICE_USERS = [role.value for role in nats_auth.SERVICE_ROLES.values()]
+
+
+@pytest.mark.parametrize("user", SERVICE_USERS)
+async def test_a_service_may_look_up_the_layout_it_uses_but_not_create_or_update_any(
+    connect: Connect, user: str
+) -> None:
+    conn, admin = await connect(user), await connect("admin")
+    js = conn.nc.jetstream(timeout=1)  # a denied API request is never answered: time out soon
+    # what it does at start: every stream and bucket it uses is there (allowed lookups)
+    await streams.require_layout(js, nats_auth.USES[Role(user)], wait_s=0)
+    assert not conn.errors
+
+    shards = MeshSettings().mailbox_shards
+    (mailbox,) = (c for c in streams.stream_configs(shards) if c.name == subjects.STREAM_MAILBOX)
+    attempts: dict[str, Callable[[], Awaitable[object]]] = {
+        "$JS.API.STREAM.CREATE.BL_ROGUE": lambda: js.add_stream(
+            StreamConfig(name="BL_ROGUE", subjects=["rogue.>"])
+        ),
+        "$JS.API.STREAM.CREATE.BL_MAILBOX": lambda: js.add_stream(mailbox.evolve(max_age=60.0)),
+        "$JS.API.STREAM.UPDATE.BL_MAILBOX": lambda: js.update_stream(mailbox.evolve(max_age=60.0)),
+        "$JS.API.STREAM.CREATE.KV_BL_ROGUE": lambda: js.create_key_value(
+            KeyValueConfig(bucket="BL_ROGUE")
+        ),
+    }
+    for subject, attempt in attempts.items():
+        with pytest.raises(TimeoutError):
+            await attempt()
+        await conn.denied(PUB, subject)
+
+    held = {str(i.config.name): i.config for i in await admin.nc.jetstream().streams_info()}
+    assert "BL_ROGUE" not in held and "KV_BL_ROGUE" not in held
+    assert held[subjects.STREAM_MAILBOX].max_age == mailbox.max_age  # not re-declared
     assert not admin.errors
 
 

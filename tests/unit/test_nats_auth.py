@@ -140,6 +140,29 @@ def test_no_role_may_delete_or_purge_a_stream_or_reach_the_whole_api() -> None:
             assert ".PURGE." not in subject, subject
 
 
+@pytest.mark.parametrize("role", list(Role))
+def test_only_init_and_admin_may_declare_the_layout(role: Role) -> None:
+    declares = [s for s in nats_auth.LAYOUT if ".INFO." not in s]  # CREATE and UPDATE
+    assert declares
+    for subject in declares:
+        assert rights(role).may_publish(subject) == (role in (Role.INIT, Role.ADMIN)), subject
+
+
+@pytest.mark.parametrize("role", list(nats_auth.USES))
+def test_a_service_may_look_up_exactly_the_streams_and_buckets_it_checks_at_start(
+    role: Role,
+) -> None:
+    lookups = {s for s in rights(role).publish if s.startswith("$JS.API.STREAM.INFO.")}
+    assert lookups == set(nats_auth.USES[role].lookups())
+
+
+def test_every_service_says_which_streams_and_buckets_it_uses() -> None:
+    assert set(nats_auth.USES) == set(nats_auth.SERVICE_ROLES.values())
+    layout = {*subjects.RECORDED_STREAMS}
+    for uses in nats_auth.USES.values():
+        assert set(uses.streams) <= layout and set(uses.buckets) <= set(nats_auth.BUCKETS)
+
+
 def test_services_answer_requests_into_inboxes_only() -> None:
     answerers = {r for r in Role if nats_auth.RIGHTS[r].may_publish("_INBOX.admin.x.y")}
     assert answerers == {Role.AGENT, Role.SUPERVISOR, Role.GATEWAY, Role.RECORDER}
