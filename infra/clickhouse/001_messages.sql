@@ -21,9 +21,13 @@
 -- by kind per minute"): every dashboard panel (dashboards/*.json) filters $__timeFilter(ts),
 -- and `beamline logs --since` a time too. They prune on the primary index. With (agent, ts),
 -- a pure time-range read scans every agent's ts range. ts then id also keeps rows of one
--- conversation or trace close together, so the bloom-filter skip indexes on trace_id /
--- conversation_id / id drop almost every granule for "one trace / one conversation / these
--- ids" lookups (BASELINES: 38.6 ms -> 18.5 ms for a trace among 5M rows).
+-- conversation or trace close together, in a narrow ts range: `beamline trace ID`
+-- (beamline.reads.TRACE_SQL) takes that range from bl_messages_id_ts (003) and reads only
+-- the granules inside it. The bloom-filter skip indexes on trace_id / conversation_id / id
+-- then drop the other granules of a long range, and serve ad-hoc "these ids" queries
+-- (BASELINES: 38.6 ms -> 18.5 ms for a trace among 5M rows). Alone they cannot make one id
+-- of any of the three kinds fast: an OR of the three keeps every granule any index might
+-- hold, and FINAL widens those to whole primary-key ranges.
 --
 -- Partition by month: few parts, and whole months can be dropped by hand (ALTER TABLE ...
 -- DROP PARTITION). The same envelope always has the same ts, so its copies land in the same

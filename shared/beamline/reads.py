@@ -8,12 +8,25 @@ from typing import Final
 
 from beamline.rows import MESSAGES_TABLE
 
+# The table that maps each conversation id, trace id and envelope id to the time range of
+# its messages (infra/clickhouse/003_messages_id_ts.sql, filled by a materialized view).
+MESSAGES_ID_TS_TABLE: Final = "bl_messages_id_ts"
+
 # A conversation, a trace or one envelope, in time order: what `beamline trace ID` shows.
+# The id's time range comes first, from the lookup table; the primary index on ts then
+# narrows bl_messages to the granules inside it, and FINAL collapses duplicates there only.
+# The range is [first, last] over every message the id names, so none is outside it, and
+# the id filter still applies inside it. An id with no message has no row there either (the
+# range is then the epoch, twice); '' is never a key, so `beamline trace ''` finds nothing.
 TRACE_SQL: Final = f"""
+WITH (
+    SELECT (min(first_ts), max(last_ts)) FROM {MESSAGES_ID_TS_TABLE} WHERE key = {{id:String}}
+) AS span
 SELECT id, kind, sender, recipient, conversation_id, step, trace_id, span_id,
        parent_span_id, ts, input_tokens, output_tokens, reason, payload
 FROM {MESSAGES_TABLE} FINAL
-WHERE conversation_id = {{id:String}} OR trace_id = {{id:String}} OR id = {{id:String}}
+WHERE ts BETWEEN span.1 AND span.2
+  AND (conversation_id = {{id:String}} OR trace_id = {{id:String}} OR id = {{id:String}})
 ORDER BY ts, id
 LIMIT 10000
 """

@@ -193,6 +193,9 @@ def retention_policy(settings: RetentionSettings | None = None) -> list[Retentio
         raise ConfigError(f"BEAMLINE_RETENTION_* is not usable: {exc}") from exc
     return [
         Retention("bl_messages", "ts", s.bl_messages_days),
+        # `beamline trace` finds a message's time range here: a row lives as long as the
+        # newest message it covers (last_ts is the latest ts of its key).
+        Retention("bl_messages_id_ts", "last_ts", s.bl_messages_days),
         Retention("otel_traces", "Timestamp", s.otel_traces_days),
         # The plugin finds a trace's spans through this table: a row lives as long as the
         # last span it covers (End is the latest Timestamp of its insert block).

@@ -7,13 +7,16 @@ one session-scoped directory (`chdb_url`). Tests use their own conversation/trac
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
@@ -21,7 +24,7 @@ from beamline import bus, ids, storage
 from beamline.envelope import Envelope, Kind, ReplyPayload, TaskPayload
 from beamline.errors import CallerError, ConfigError, Reason, TransientError
 from beamline.readonly import check_readonly_sql, readonly_settings, run_readonly
-from beamline.reads import TRACE_SQL
+from beamline.reads import MESSAGES_ID_TS_TABLE, TRACE_SQL
 from beamline.rows import (
     COLUMN_TYPES,
     COLUMNS,
@@ -96,6 +99,26 @@ def rows_for(conversation: str, n: int, stream: str = "BL_REPLIES") -> list[list
     ]
 
 
+def stored(envelopes: list[Envelope], stream: str = "BL_REPLIES") -> list[list[Any]]:
+    """The rows the recorder writes for these envelopes."""
+    return [
+        envelope_row(
+            bus.encode(e),
+            subject=f"bl.reply.{e.conversation_id}",
+            stream=stream,
+            stream_seq=i + 1,
+            stream_ts_ns=0,
+            max_message_bytes=262144,
+        )
+        for i, e in enumerate(envelopes)
+    ]
+
+
+def trace_ids(ro: storage.Client, key: str) -> list[str]:
+    """The envelope ids `beamline trace KEY` shows, in its order."""
+    return [str(r[0]) for r in run_readonly(ro, TRACE_SQL, {"id": key}).rows]
+
+
 def count(client: storage.Client, conversation: str, final: bool = False) -> int:
     table = "bl_messages FINAL" if final else "bl_messages"
     result = client.query(
@@ -148,6 +171,56 @@ def test_migrate_is_idempotent_and_recorded(client: storage.Client) -> None:
     columns = client.query("DESCRIBE TABLE bl_messages").result_rows
     assert [c[0] for c in columns][: len(COLUMNS)] == list(COLUMNS)
     assert [c[1] for c in columns][: len(COLUMNS)] == list(COLUMN_TYPES)
+
+
+def test_the_id_lookup_migration_applies_on_top_of_a_database_with_001_and_002(
+    chdb_url: str, client: storage.Client, tmp_path: Path
+) -> None:
+    """003 on a database that already holds messages: they are found through the new lookup
+    table (the backfill), later inserts through its view, and running 003 again (a crash
+    before it was recorded) changes no answer. A database of its own in the shared engine."""
+    older = tmp_path / "schema"
+    older.mkdir()
+    for m in storage.migrations():
+        if m.version < 3:
+            (older / m.name).write_text(m.sql)
+    database = f"upgrade_{uuid.uuid4().hex}"
+    client.command(f"CREATE DATABASE {database}")
+    path = os.path.realpath(chdb_url.removeprefix("chdb://"))
+    c = clickhouse_connect.get_client(interface="chdb", path=path, database=database)
+    try:
+        assert [m.version for m in storage.migrate(c, older).applied] == [1, 2]
+        before = rows_for("conv-before-003", 3)
+        insert_rows(c, before)
+
+        upgraded = storage.migrate(c)
+        assert [m.name for m in upgraded.applied] == ["003_messages_id_ts.sql"]
+        policy = {r.table: r for r in storage.retention_policy()}
+        assert policy[MESSAGES_ID_TS_TABLE].days == policy["bl_messages"].days
+        engine = c.query(
+            "SELECT engine_full FROM system.tables"
+            " WHERE database = currentDatabase() AND name = {t:String}",
+            parameters={"t": MESSAGES_ID_TS_TABLE},
+        ).result_rows[0][0]
+        assert storage.table_ttl(engine) == policy[MESSAGES_ID_TS_TABLE].ttl
+
+        def found(key: str) -> list[str]:
+            return [r[0] for r in c.query(TRACE_SQL, parameters={"id": key}).result_rows]
+
+        assert found("conv-before-003") == [r[0] for r in before]
+        after = rows_for("conv-after-003", 2)
+        insert_rows(c, after)
+        assert found("conv-after-003") == [r[0] for r in after]
+
+        third = next(m for m in storage.migrations() if m.version == 3)
+        for statement in split_statements(third.sql):
+            c.command(statement)
+        assert found("conv-before-003") == [r[0] for r in before]
+        assert found("conv-after-003") == [r[0] for r in after]
+        assert storage.migrate(c).applied == []
+    finally:
+        c.close()
+        client.command(f"DROP DATABASE {database} SYNC")
 
 
 def test_schema_dir_override_and_bad_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,6 +360,120 @@ def test_the_trace_query_finds_a_conversation_by_any_of_its_ids(
         assert {r[0] for r in answer.rows} >= {rows[0][0]}
     answer = run_readonly(ro, TRACE_SQL, {"id": "conv-typed"})
     assert [r[0] for r in answer.rows] == [r[0] for r in rows]
+
+
+def test_the_trace_query_finds_a_trace_a_conversation_and_one_envelope(
+    client: storage.Client, ro: storage.Client
+) -> None:
+    conversation = f"conv-lookup-{ids.uuid7()}"
+    task = Envelope(
+        kind=Kind.TASK,
+        sender="user",
+        recipient="agent",
+        conversation_id=conversation,
+        payload=TaskPayload(prompt="q"),
+    )
+    first = [task] + [
+        task.child(ReplyPayload(task_id=task.id, text=f"r{i}"), sender="agent", recipient="user")
+        for i in range(2)
+    ]
+    again = Envelope(  # the same conversation, a new trace
+        kind=Kind.TASK,
+        sender="user",
+        recipient="agent",
+        conversation_id=conversation,
+        payload=TaskPayload(prompt="again"),
+    )
+    other = Envelope(  # at the same time, in the same granule: not ours
+        kind=Kind.TASK,
+        sender="user",
+        recipient="agent",
+        conversation_id=f"conv-other-{ids.uuid7()}",
+        payload=TaskPayload(prompt="other"),
+    )
+    insert_rows(client, stored([*first, other, again]))
+
+    assert trace_ids(ro, conversation) == [e.id for e in [*first, again]]
+    assert trace_ids(ro, task.trace_id) == [e.id for e in first]
+    assert trace_ids(ro, first[1].id) == [first[1].id]
+    assert trace_ids(ro, again.trace_id) == [again.id]
+    # no id at all is no id: not every message recorded without a conversation
+    assert trace_ids(ro, "") == []
+    assert trace_ids(ro, conversation + "' OR ''='") == []
+
+
+def test_the_trace_query_shows_each_envelope_once(
+    client: storage.Client, ro: storage.Client
+) -> None:
+    """Copies of an envelope collapse as FINAL collapses them, including a raw row and the
+    envelope the intake made of it (same id and ts; FINAL keeps the envelope)."""
+    conversation = f"conv-dup-{ids.uuid7()}"
+    rows = rows_for(conversation, 4)
+    insert_rows(client, rows)
+    insert_rows(client, rows[::-1])  # regrouped: a new insert token, every row lands twice
+    assert count(client, conversation) == 8
+    assert trace_ids(ro, conversation) == [r[0] for r in rows]
+
+    ns = 1_795_000_000_987_654_321
+    seq = int(uuid.uuid4().int % 1_000_000_000)
+    raw = envelope_row(
+        f'{{"prompt": "hi", "conversation_id": "{conversation}-plain"}}'.encode(),
+        subject="bl.task.x",
+        stream="BL_TASKS",
+        stream_seq=seq,
+        stream_ts_ns=ns,
+        max_message_bytes=1000,
+    )
+    env = Envelope(
+        id=raw[0],
+        kind=Kind.TASK,
+        sender="client",
+        recipient="agent",
+        conversation_id=f"{conversation}-plain",
+        ts=datetime.fromtimestamp(ns / 1e9, UTC),
+        payload=TaskPayload(prompt="hi"),
+    )
+    insert_rows(client, stored([env], stream="BL_MAILBOX"))
+    insert_rows(client, [raw])
+    for key in (raw[0], f"{conversation}-plain"):
+        answer = run_readonly(ro, TRACE_SQL, {"id": key}).rows
+        assert [(r[0], r[1]) for r in answer] == [(raw[0], "task")], key
+
+
+def test_the_trace_query_returns_a_long_trace_whole(
+    client: storage.Client, ro: storage.Client
+) -> None:
+    """A trace over 40 days (two months, so two partitions of both tables), recorded in
+    separate batches, newest first, with other messages between: all of it, in time order."""
+    now = datetime.now(UTC) - timedelta(hours=1)
+    conversation = f"conv-long-{ids.uuid7()}"
+    task = Envelope(
+        kind=Kind.TASK,
+        sender="user",
+        recipient="agent",
+        conversation_id=conversation,
+        ts=now - timedelta(days=40),
+        payload=TaskPayload(prompt="q"),
+    )
+    steps = [task] + [
+        task.child(
+            ReplyPayload(task_id=task.id, text=f"r{d}"),
+            sender="agent",
+            recipient="user",
+            ts=now - timedelta(days=d),
+        )
+        for d in (39, 20, 0)
+    ]
+    for e in reversed(steps):
+        between = rows_for(f"conv-between-{ids.uuid7()}", 3)
+        insert_rows(client, [*stored([e]), *between])
+    parts = client.query(
+        f"SELECT count() FROM {MESSAGES_ID_TS_TABLE} WHERE key = {{k:String}}",
+        parameters={"k": task.trace_id},
+    ).result_rows[0][0]
+    assert parts >= 2  # the range is min/max over several rows of the lookup table
+    for key in (conversation, task.trace_id):
+        assert trace_ids(ro, key) == [e.id for e in steps]
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)
