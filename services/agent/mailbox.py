@@ -161,7 +161,9 @@ class MailboxConsumer:
         if deliveries > self.settings.max_deliveries:
             delivery.poison = f"delivered {deliveries} times without being finished"
         self.in_flight[msg.metadata.sequence.stream] = msg
-        agent.deliver(delivery)
+        # the incarnation may have changed during the awaits above (a start, after a
+        # re-home): hand it to the current one, or the queue would wait for a kick
+        (self.agents(agent_name) or agent).deliver(delivery)
 
     async def _deliveries(self, msg: Msg) -> int:
         """How often this message has been delivered, dead owners included. Only messages

@@ -446,7 +446,11 @@ class Supervision:
                 del self.shards[k]
             for a in pinned:
                 del self.pinned[a]
-        moved = [a for a in self.order() if a in pinned or self._shard(a) in shards]
+        moved = [
+            a
+            for a in self.order()
+            if a in pinned or (a not in self.need and self._shard(a) in shards)
+        ]
         self.events.emit_envelope(
             self._event(
                 "host_lost",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -135,12 +136,15 @@ class Deployment(Strict):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(text: str, source: str = "<config>") -> str:
+def expand_env(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> str:
     """`${VAR}` and `${VAR:-default}` from the environment, so one file serves laptop and
     containers (hostnames, ports). Secrets do not belong here: use `api_key_env`."""
+    env = os.environ if environ is None else environ
 
     def sub(match: re.Match[str]) -> str:
-        value = os.environ.get(match.group(1), match.group(2))
+        value = env.get(match.group(1), match.group(2))
         if value is None:
             raise ConfigError(f"{source}: environment variable {match.group(1)} is not set")
         return value
@@ -148,9 +152,12 @@ def expand_env(text: str, source: str = "<config>") -> str:
     return _VAR.sub(sub, text)
 
 
-def parse(text: str, source: str = "<config>") -> Deployment:
+def parse(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Deployment:
+    """The deployment; `${VAR}`s from `environ` (default: this process's environment)."""
     try:
-        data = yaml.safe_load(expand_env(text, source))
+        data = yaml.safe_load(expand_env(text, source, environ))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -166,9 +173,9 @@ def parse(text: str, source: str = "<config>") -> Deployment:
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{msg}") from exc
 
 
-def load(path: Path) -> Deployment:
+def load(path: Path, environ: Mapping[str, str] | None = None) -> Deployment:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    return parse(text, str(path))
+    return parse(text, str(path), environ)

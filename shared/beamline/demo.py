@@ -1,16 +1,21 @@
-"""`beamline demo`: the embedded mesh, a research team on fakellm, three tasks, one trace."""
+"""`beamline demo`: the embedded mesh, the supervised research team on fakellm (three
+hosts), three tasks and one trace; then an agent killed mid-task and a whole host killed,
+each conversation resumed (beamline.demo_supervision)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
-from beamline import bus, client, query, reads, subjects, traceview
+from beamline import bus, client, config, demo_supervision, query, reads, subjects, traceview
 from beamline.polling import wait_for
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 
+TEAM = Path("infra/examples/supervised-team.yaml")
+CONFIG_ENV = "BEAMLINE_CONFIG"
 TASKS = (
     ("research", "What happens when a supervisor exceeds its restart intensity?"),
     ("analysis", "What does a call with 1000 input and 500 output tokens cost?"),
@@ -20,7 +25,8 @@ TASKS = (
 
 async def run(options: RuntimeOptions, data_dir: Path) -> int:
     shutil.rmtree(data_dir, ignore_errors=True)  # a demo starts from nothing
-    settings = MeshSettings(data_dir=data_dir)  # the team file: BEAMLINE_CONFIG or the example
+    # the team file: BEAMLINE_CONFIG, else the supervised example
+    settings = MeshSettings(data_dir=data_dir, config=Path(os.environ.get(CONFIG_ENV, TEAM)))
     mesh = Mesh(settings, options)
     print(f"starting the embedded mesh under {data_dir} …")
     try:
@@ -50,6 +56,8 @@ async def run(options: RuntimeOptions, data_dir: Path) -> int:
             print("\nThe first task's trace, as recorded in ClickHouse:")
             print(traceview.render(rows))
             print(f"\nExplore it again with: beamline trace {first}")
+            if config.load(settings.config, mesh.env()).supervisors:
+                failed += await demo_supervision.run(mesh, nc)
         finally:
             await nc.close()
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 from nats.aio.client import Client as NATS
 
-from beamline import bus, nats_auth, nats_credentials, streams, subjects
+from beamline import bus, config, nats_auth, nats_credentials, streams, subjects
 from beamline.process import Process, nats_server_binary, start_process
 from beamline.settings import MeshSettings
 
@@ -45,6 +46,7 @@ class Mesh:
     options: RuntimeOptions
     processes: list[Process] = field(default_factory=list)
     nats_url: str = ""
+    extra_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per process name
 
     @property
     def log_dir(self) -> Path:
@@ -77,12 +79,46 @@ class Mesh:
             if self.options.fakellm:
                 await self._start_fakellm()
             for service in SERVICES:
-                self.processes.append(
-                    self._spawn(service, [sys.executable, "-m", f"services.{service}"])
-                )
-                await self._await_health(nc, service)
+                for name, extra in self._instances(service):
+                    self.extra_env[name] = extra
+                    self.processes.append(
+                        self._spawn(name, [sys.executable, "-m", f"services.{service}"], extra)
+                    )
+                    await self._await_health(nc, service)
+            hosts = [e["BEAMLINE_AGENT_HOST_ID"] for _, e in self._instances("agent") if e]
+            await self._await_hosts(nc, hosts)
         finally:
             await nc.close()
+
+    def _instances(self, service: str) -> list[tuple[str, dict[str, str]]]:
+        """One process per service; for agent hosts, one per host the deployment declares
+        (`hosts:`), with its name and labels, so placement works as it would in production."""
+        if service != "agent":
+            return [(service, {})]
+        declared = config.load(self.settings.config, {**os.environ, **self.env()}).hosts
+        if not declared:
+            return [(service, {})]
+        return [
+            (
+                f"agent-{host.name}",
+                {
+                    "BEAMLINE_AGENT_HOST_ID": host.name,
+                    "BEAMLINE_AGENT_LABELS": ",".join(f"{k}={v}" for k, v in host.labels.items()),
+                },
+            )
+            for host in declared
+        ]
+
+    async def _await_hosts(self, nc: NATS, hosts: list[str]) -> None:
+        """Every declared host heartbeating to the supervisor (one health answer is any)."""
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        while hosts:
+            health = json.loads((await nc.request(subjects.health("supervisor"), b"", 2)).data)
+            if set(hosts) <= set(health.get("hosts", ())):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"hosts {hosts} did not all join; see {self.log_dir}")
+            await asyncio.sleep(0.1)
 
     def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> Process:
         # the NATS user is the role of the service module the process runs (`-m services.X`),
@@ -167,6 +203,7 @@ class Mesh:
 
     def spawn(self, name: str, module: str, env: dict[str, str] | None = None) -> Process:
         """Start one more service process (a second agent host, a standby supervisor)."""
+        self.extra_env[name] = env or {}
         proc = self._spawn(name, [sys.executable, "-m", module], env)
         self.processes.append(proc)
         return proc
@@ -178,12 +215,13 @@ class Mesh:
         """Start a service again (after a test or an operator killed it) and await its health."""
         old = self.process(name)
         old.kill()
-        new = self._spawn(name, list(old.popen.args))  # type: ignore[arg-type]
+        new = self._spawn(name, list(old.popen.args), self.extra_env.get(name))  # type: ignore[arg-type]
         self.processes[self.processes.index(old)] = new
-        if name in SERVICES:
+        service = name.split("-", 1)[0]
+        if service in SERVICES:
             nc = await bus.connect(self.nats_url, "beamline-up")
             try:
-                await self._await_health(nc, name)
+                await self._await_health(nc, service)
             finally:
                 await nc.close()
         return new

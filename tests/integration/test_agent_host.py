@@ -343,8 +343,15 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
             proc.kill()
     text = out.decode()
     assert proc.returncode == 0, text
-    assert text.count("← ") == 3 and "error [" not in text
+    assert text.count("← ") == 5 and "error [" not in text
     assert "tool search_notes" in text and "reply:" in text  # the printed trace
+    # an agent killed mid-task: rest_for_one restarts it and its later sibling
+    assert "analysis restarted ['researcher', 'analyst']" in text, text
+    # a host killed: its agents re-homed, a healthy agent elsewhere left alone
+    assert "kill -9 of host hot-" in text and "researcher re-homed: hot-" in text, text
+    assert "writer re-homed" not in text, text
+    # both conversations resumed from the journal, no LLM call made twice
+    assert text.count("0 LLM calls repeated") == 2, text
 
 
 @needs_local_nats

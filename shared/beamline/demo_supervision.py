@@ -1,0 +1,118 @@
+"""The supervision half of `beamline demo`: an agent killed mid-task, then the whole host it
+runs on killed with kill -9. Each time the supervisor's decisions are printed as they are
+recorded, and the conversation finishes from its journal: the LLM call made before the
+kill is not made again (fakellm counts its calls)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from beamline import client, ops, subjects
+from beamline.polling import wait_for
+from beamline.runtime import Mesh
+
+SHOWN = {
+    "child_exited": "{child} exited under {supervisor}: {exit}",
+    "child_restarted": "{supervisor} restarted {start} ({reason}; {restarts}/{intensity} restarts in {period}s)",
+    "host_lost": "host {host} lost: re-homing {n_agents} agents",
+    "agent_rehomed": "{agent} re-homed: {from_host} -> {to_host}",
+    "children_rehomed": "{n} agents re-homed: {from_host} -> {host}",
+    "operator_command": "operator: {command} {child}",
+}
+SLOW = "take your time"  # fakellm-demo.yaml answers these slowly: time to kill something
+
+
+async def watch_decisions(nc: NATS) -> Subscription:
+    """Print each supervisor decision worth seeing, as it is published."""
+
+    async def show(msg: Msg) -> None:
+        payload = json.loads(msg.data)["payload"]
+        line = SHOWN.get(payload["name"])
+        if line is not None:
+            print(f"   supervisor: {line.format_map(_Lenient(payload['data']))}")
+
+    return await nc.subscribe("bl.events.supervisor.>", cb=show)
+
+
+async def run(mesh: Mesh, nc: NATS) -> int:
+    """Both acts; the number of tasks that did not end in a reply."""
+    fakellm = f"http://127.0.0.1:{mesh.options.fakellm_port}"
+    decisions = await watch_decisions(nc)
+    try:
+        failed = await _act(
+            nc,
+            fakellm,
+            "An agent killed mid-task (beamline kill researcher)",
+            f"Please {SLOW}: how does rest_for_one restart siblings?",
+            lambda host: ops.admin(nc, "kill", "researcher"),
+        )
+
+        async def kill_host(host: str) -> None:
+            print(f"   kill -9 of host {host}, the whole process")
+            mesh.process(f"agent-{host}").kill()
+
+        failed += await _act(
+            nc,
+            fakellm,
+            "A whole host killed (kill -9 of the researcher's host)",
+            f"Please {SLOW}: what happens when a host dies?",
+            kill_host,
+        )
+    finally:
+        await decisions.unsubscribe()
+    return failed
+
+
+async def _act(
+    nc: NATS,
+    fakellm: str,
+    title: str,
+    prompt: str,
+    strike: Callable[[str], Awaitable[Any]],
+) -> int:
+    print(f"\n{title}")
+    before = await _calls(fakellm)
+    conversation = await client.submit(nc, subjects.task("research"), prompt)
+    print(f"→ research: {prompt}")
+    row = await wait_for(
+        lambda: _waiting_on_llm(nc), timeout=30, interval=0.05, what="researcher mid-task"
+    )
+    print(f"   researcher is {row['state']} on {row['host']} (step {row.get('step')})")
+    await strike(row["host"])
+    reply = await client.await_reply(nc, conversation, timeout=60)
+    print(f"← research ({reply.sender}): {client.reply_text(reply)}")
+    after = await _calls(fakellm)
+    searches = after["researcher-searches"] - before["researcher-searches"] - 1
+    answers = after["researcher-answers-slowly"] - before["researcher-answers-slowly"]
+    print(
+        f"   resumed from its journal: {searches} LLM calls repeated (fakellm answered the "
+        f"search once and the answer in flight {answers} time(s): the gateway remembers)"
+    )
+    print(f"   beamline trace {conversation}")
+    return int(reply.kind.value != "reply" or searches != 0)
+
+
+async def _waiting_on_llm(nc: NATS) -> dict[str, Any] | None:
+    row: dict[str, Any] = await ops.admin(nc, "inspect", "researcher")
+    return row if row.get("state") == "waiting-on-llm" else None
+
+
+async def _calls(fakellm: str) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        calls = (await http.get(f"{fakellm}/_fakellm/calls")).json()
+    counts = {"researcher-searches": 0, "researcher-answers-slowly": 0}
+    for call in calls:
+        counts[call["rule"]] = counts.get(call["rule"], 0) + 1
+    return counts
+
+
+class _Lenient(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
