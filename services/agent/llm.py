@@ -17,6 +17,7 @@ _TRANSIENT = {
     Reason.PROVIDER_UNAVAILABLE,
     Reason.RATE_LIMITED,
     Reason.PROVIDER_BAD_RESPONSE,
+    Reason.BUDGET_UNAVAILABLE,  # the budget service is down: no call was made, try later
 }
 _REPLY_MAX_BYTES = 4 * 1024 * 1024
 

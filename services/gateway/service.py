@@ -37,6 +37,7 @@ from services.gateway.idempotency import ResultStore, Singleflight
 from services.gateway.providers import wire_for
 from services.gateway.redaction import Redactor
 from services.gateway.replies import Reply
+from services.gateway.reservation import Reservations
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import MIN_ATTEMPT_S, Backoff, CallResult, Upstream
 
@@ -62,6 +63,7 @@ class Gateway:
         self._events = EventSink(nc.jetstream(), "gateway")
         self._results = ResultStore(kv)
         self._flight: Singleflight[Reply] = Singleflight()
+        self._budget = Reservations(nc, deployment, settings.budget_timeout_s)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
@@ -150,6 +152,7 @@ class Gateway:
             "events_published": self._events.published,
             "events_dropped": self._events.dropped,
             "last_error": self.last_error,
+            "budget_refused": self._budget.refused,
             **self.counts,
             "providers": {
                 name: {
@@ -248,6 +251,9 @@ class Gateway:
             )
             self.last_error = why
             return Reply.of(replies.error(request, Reason.GATEWAY_UNAVAILABLE, why))
+        refusal = await self._budget.reserve(request, payload)
+        if refusal is not None:  # over budget, or the budget unknown: no provider call
+            return refusal
         result = await upstream.complete(payload, traceparent, deadline)
         self._call_event(request, payload, result)
         if result.completion is None:
@@ -324,6 +330,7 @@ class Gateway:
             "provider": payload.provider,
             "model": payload.model,
             "request_id": request.id,
+            "agent": request.sender,  # whose budget the call is charged to
             "attempts": result.attempts,
             "latency_ms": result.latency_ms,
             "http_status": result.status,

@@ -24,6 +24,12 @@ class GatewaySettings(BaseSettings):
     retry_after_cap_s: float = Field(
         default=30.0, ge=0, description="A provider's Retry-After is honoured up to this."
     )
+    budget_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="For the budget service's answer to a reservation; without one, a call "
+        "by an agent with a budget is not made (budget_unavailable).",
+    )
     stop_grace_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
     )

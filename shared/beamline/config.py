@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from beamline.budget import Account, AccountKind, Budget, Price
 from beamline.errors import ConfigError
 from beamline.ids import is_token
 from beamline.tools import import_tool_modules, registered
@@ -51,6 +52,9 @@ class AgentSpec(Strict):
     max_steps: int = Field(default=8, ge=1, le=100)
     max_tokens: int = Field(default=1024, gt=0)
     output: Literal["text", "json"] = "text"
+    budget: Budget | None = Field(
+        default=None, description="What this agent may spend (beamline.budget)."
+    )
 
     @model_validator(mode="after")
     def _names_are_tokens(self) -> AgentSpec:
@@ -71,6 +75,10 @@ class Deployment(Strict):
     supervisors: tuple[SupervisorSpec, ...] = Field(
         default=(), description="The supervision tree (see beamline.tree)."
     )
+    prices: dict[str, dict[str, Price]] = Field(
+        default_factory=dict,
+        description="provider -> model -> USD per million input/output tokens (cost budgets).",
+    )
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Deployment:
@@ -86,7 +94,63 @@ class Deployment(Strict):
                         f" (declared: {sorted(self.providers)})"
                     )
         check_tree(self.supervisors, {a.name: a.role for a in self.agents}, self.hosts)
+        self._check_prices()
         return self
+
+    def _check_prices(self) -> None:
+        """Every model in the price table is one some agent uses (a typo would otherwise
+        leave the real model unpriced), and every model an agent may call is priced when a
+        cost budget anywhere on its chain needs it."""
+        used = {(c.provider, c.model) for a in self.agents for c in a.models}
+        for provider, models in self.prices.items():
+            if provider not in self.providers:
+                raise ValueError(
+                    f"prices.{provider}: unknown provider (declared: {sorted(self.providers)})"
+                )
+            for model in models:
+                if (provider, model) not in used:
+                    raise ValueError(
+                        f"prices.{provider}.{model}: unknown model: no agent uses "
+                        f"{provider}/{model} (used: {sorted(f'{p}/{m}' for p, m in used)})"
+                    )
+        for i, agent in enumerate(self.agents):
+            costed = [
+                a for a in self.budget_chain(agent.name) if a.budget and a.budget.usd is not None
+            ]
+            if not costed:
+                continue
+            for j, choice in enumerate(agent.models):
+                if choice.model not in self.prices.get(choice.provider, {}):
+                    raise ValueError(
+                        f"agents[{i}].models[{j}]: {choice.provider}/{choice.model} has no "
+                        f"price, but {costed[0].key} has a cost budget: add "
+                        f"prices.{choice.provider}.{choice.model}: {{input: ..., output: ...}}"
+                    )
+
+    def price(self, provider: str, model: str) -> Price | None:
+        return self.prices.get(provider, {}).get(model)
+
+    def budget_chain(self, agent: str) -> tuple[Account, ...]:
+        """The accounts a call by `agent` is charged to: the agent's own (a pool member's is
+        its template's budget), then each ancestor supervisor's up to the root."""
+        spec = self.member_spec(agent)
+        chain = [Account(kind=AccountKind.AGENT, name=agent, budget=spec.budget if spec else None)]
+        parents = {c.id: s.name for s in self.supervisors for c in s.children}
+        template = None if self.agent(agent) else pool_template(agent, self.pools().values())
+        parent = parents.get(template or agent)
+        by_name = {s.name: s for s in self.supervisors}
+        seen: set[str] = set()
+        while parent is not None and parent not in seen:
+            seen.add(parent)
+            chain.append(
+                Account(kind=AccountKind.SUPERVISOR, name=parent, budget=by_name[parent].budget)
+            )
+            parent = parents.get(parent)
+        return tuple(chain)
+
+    def budgeted(self, agent: str) -> bool:
+        """Whether a call by `agent` must be reserved: some account on its chain has a budget."""
+        return any(a.budget is not None for a in self.budget_chain(agent))
 
     def agent(self, name: str) -> AgentSpec | None:
         return next((a for a in self.agents if a.name == name), None)

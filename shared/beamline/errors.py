@@ -26,6 +26,7 @@ class Reason(StrEnum):
     QUERY_REJECTED = "query_rejected"
     MAX_STEPS = "max_steps_exceeded"
     TOOL_FAILED = "tool_failed"
+    BUDGET_EXHAUSTED = "budget_exhausted"  # a reservation refused: the subtree is stopped
     # the world's fault
     PROVIDER_TIMEOUT = "provider_timeout"
     PROVIDER_ERROR = "provider_error"
@@ -35,6 +36,7 @@ class Reason(StrEnum):
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     NATS_UNAVAILABLE = "nats_unavailable"
+    BUDGET_UNAVAILABLE = "budget_unavailable"  # no budget service answered: no call made
     # delivered too often without success
     POISON = "poison"
 

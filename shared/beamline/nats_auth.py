@@ -6,6 +6,8 @@ derived from `beamline.subjects`, rendered as a nats-server `authorization` bloc
     supervisor  sends the control commands, records its decisions, answers operators
     gateway     answers `bl.llm.*`, keeps its idempotency bucket, reports breaker events
     recorder    pulls every recorded stream, acks, answers `bl.query.sql`
+    budget      answers reservations, settles them from the gateway's call events, keeps
+                its ledger bucket, asks the supervisor to stop an exhausted subtree
     client      publishes tasks and inbox messages; reads only its own inbox
     admin       the operator (CLI): a client, plus `bl.admin.*`, queries, health, reading
                 the recorded streams, and declaring the layout (`beamline up`)
@@ -55,6 +57,7 @@ class Role(StrEnum):
     SUPERVISOR = "supervisor"
     GATEWAY = "gateway"
     RECORDER = "recorder"
+    BUDGET = "budget"
     CLIENT = "client"
     ADMIN = "admin"
     INIT = "init"
@@ -66,6 +69,7 @@ SERVICE_ROLES: Final[Mapping[str, Role]] = {
     "supervisor": Role.SUPERVISOR,
     "gateway": Role.GATEWAY,
     "recorder": Role.RECORDER,
+    "budget": Role.BUDGET,
 }
 CREDENTIALS_FILE: Final = "nats-credentials.json"
 INBOX_ROOT: Final = "_INBOX"  # NATS's own inbox namespace; every user gets a branch of it
@@ -161,6 +165,7 @@ BUCKETS: Final = (
     subjects.BUCKET_LLM_RESULTS,
     subjects.BUCKET_ATTEMPTS,
     subjects.BUCKET_SUPERVISOR,
+    subjects.BUCKET_BUDGET,
 )
 # what only `init` and `admin` may do: declare every stream and bucket
 LAYOUT: Final = _declare((*subjects.RECORDED_STREAMS, *(kv_stream(b) for b in BUCKETS)))
@@ -198,6 +203,7 @@ USES: Final[Mapping[Role, Uses]] = {
         buckets=(subjects.BUCKET_LLM_RESULTS,),
     ),
     Role.RECORDER: Uses(streams=subjects.RECORDED_STREAMS),
+    Role.BUDGET: Uses(streams=(subjects.STREAM_EVENTS,), buckets=(subjects.BUCKET_BUDGET,)),
 }
 
 
@@ -280,6 +286,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             subjects.HEARTBEATS_ALL,
             subjects.CHILD_EXIT,
             subjects.ADMIN_ALL,
+            subjects.SUBTREE_EXHAUSTED,
             _health("supervisor"),
         ),
     ),
@@ -290,6 +297,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             _events(Role.GATEWAY),
             subjects.health("gateway"),  # its container healthcheck asks itself
             subjects.dlq("gateway"),
+            subjects.BUDGET_RESERVE,  # a reservation before each provider call; nothing else
             *_bucket(subjects.BUCKET_LLM_RESULTS),
             *USES[Role.GATEWAY].lookups(),
         ),
@@ -313,6 +321,20 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
         ),
         subscribe=(_queue(subjects.QUERY, subjects.QUEUE_RECORDER), _health("recorder")),
     ),
+    Role.BUDGET: Rights(
+        what="the budget service: answers reservations, settles them from call events",
+        publish=(
+            INBOXES,  # answers to reservations and operators
+            _events(Role.BUDGET),
+            subjects.health("budget"),  # its container healthcheck asks itself
+            subjects.SUBTREE_EXHAUSTED,  # a request: the supervisor stops the subtree
+            *_durable(subjects.STREAM_EVENTS, subjects.CONSUMER_BUDGET),
+            _pull(subjects.STREAM_EVENTS, subjects.CONSUMER_BUDGET),
+            *_bucket(subjects.BUCKET_BUDGET),
+            *USES[Role.BUDGET].lookups(),
+        ),
+        subscribe=(_queue(subjects.BUDGET_ALL, subjects.QUEUE_BUDGET), _health("budget")),
+    ),
     Role.CLIENT: Rights(
         what="clients: publish tasks and inbox messages, read only their own inbox",
         publish=_CLIENT_PUBLISH,
@@ -322,6 +344,8 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
         publish=(
             *_CLIENT_PUBLISH,
             subjects.ADMIN_ALL,
+            subjects.BUDGET_RAISE,
+            subjects.BUDGET_SHOW,
             subjects.QUERY,
             _wild(subjects.health(_ONE)),
             _api("STREAM", "NAMES"),  # which stream holds a subject (ordered consumers)

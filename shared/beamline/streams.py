@@ -122,6 +122,8 @@ def bucket_configs() -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.BUCKET_ATTEMPTS, ttl=timedelta(days=1).total_seconds()),
         # the supervisor's lease and recorded tree state: small, latest value per key only
         KeyValueConfig(bucket=subjects.BUCKET_SUPERVISOR, history=1),
+        # the budget ledger: one key, replaced by compare-and-set on every change
+        KeyValueConfig(bucket=subjects.BUCKET_BUDGET, history=1),
     ]
 
 

@@ -15,6 +15,9 @@ Each subject position means one thing so wildcards work:
     bl.sup.hb.<host>               host heartbeats                     (core NATS)
     bl.sup.exit                    host -> supervisor: a child exited  (core NATS)
     bl.admin.<command>             operator -> supervisor (ps, kill..) (core NATS)
+    bl.budget.<command>            reserve (gateway), raise/show (operator) -> budget
+                                                                       (core NATS)
+    bl.sup.budget                  budget -> supervisor: stop a subtree (core NATS)
 
 Only the supervisor publishes on bl.ctl.>; hosts publish heartbeats and exits; operators
 (the CLI) talk to the supervisor on bl.admin.>, which records and carries out their command.
@@ -56,6 +59,7 @@ RECORDED_STREAMS: Final = (
 # --- durable consumers -----------------------------------------------------
 CONSUMER_DISPATCH: Final = "dispatch"  # role tasks -> agent mailboxes (shared by hosts)
 CONSUMER_RECORDER: Final = "recorder"  # one per recorded stream
+CONSUMER_BUDGET: Final = "budget"  # on BL_EVENTS: the gateway's call outcomes, settled
 
 
 def mailbox_consumer(shard: int) -> str:
@@ -83,6 +87,7 @@ def pinned_deliver(host: str, agent: str) -> str:
 # --- queue groups ----------------------------------------------------------
 QUEUE_GATEWAY: Final = "gateway"
 QUEUE_RECORDER: Final = "recorder"
+QUEUE_BUDGET: Final = "budget"
 
 # --- subjects --------------------------------------------------------------
 TASKS_ALL: Final = "bl.task.>"
@@ -182,6 +187,16 @@ def admin(command: str) -> str:
     return f"bl.admin.{token(command, 'command')}"
 
 
+BUDGET_ALL: Final = "bl.budget.*"
+BUDGET_RESERVE: Final = "bl.budget.reserve"  # the gateway, before each provider call
+BUDGET_RAISE: Final = "bl.budget.raise"  # the operator
+BUDGET_SHOW: Final = "bl.budget.show"  # the operator
+SUBTREE_EXHAUSTED: Final = "bl.sup.budget"  # budget -> supervisor (the leader acks)
+# the call outcomes the budget service settles reservations with
+LLM_CALL_COMPLETED: Final = "bl.events.gateway.llm_call_completed"
+LLM_CALL_FAILED: Final = "bl.events.gateway.llm_call_failed"
+
+
 def last_token(subject: str, index: int) -> str:
     """The token at `index` of a subject (negative counts from the end)."""
     return subject.split(".")[index]
@@ -191,3 +206,4 @@ def last_token(subject: str, index: int) -> str:
 BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response (idempotency)
 BUCKET_ATTEMPTS: Final = "BL_ATTEMPTS"  # agent hosts: deliveries of a mailbox message by dead hosts
 BUCKET_SUPERVISOR: Final = "BL_SUPERVISOR"  # supervisor: leader lease and the tree's state
+BUCKET_BUDGET: Final = "BL_BUDGET"  # budget: the ledger (spend, reservations, raised limits)

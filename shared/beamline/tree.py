@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from beamline.budget import Budget
 from beamline.ids import is_token
 
 BRUTAL_KILL: Literal["brutal_kill"] = "brutal_kill"
@@ -125,6 +126,9 @@ class SupervisorSpec(_Strict):
     intensity: int = Field(default=1, ge=0, description="Restarts allowed within `period`.")
     period: float = Field(default=5.0, gt=0, description="Seconds of the restart window.")
     children: tuple[ChildSpec, ...] = ()
+    budget: Budget | None = Field(
+        default=None, description="What the whole subtree may spend (beamline.budget)."
+    )
 
     @model_validator(mode="after")
     def _name_is_token(self) -> SupervisorSpec:

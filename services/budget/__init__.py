@@ -1,0 +1,1 @@
+"""The budget service: token and cost budgets, enforced before each provider call."""

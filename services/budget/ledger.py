@@ -1,0 +1,300 @@
+"""The budget ledger: pure accounting, no I/O, the clock passed in.
+
+Each call is charged to a chain of accounts (the agent's, then each ancestor supervisor's).
+Before the call, `reserve` holds its estimate on every account of the chain, and refuses
+when any of them cannot cover it on top of what is spent and already held: concurrent calls
+can never together pass a limit, and a call can overspend only by its own estimate's error.
+`settle` replaces the hold with the actual usage; `release` drops it (the call failed, so
+the provider did not bill it); `expire` charges a hold never settled at its estimate: a
+gateway that died mid-call may well have been billed, and spend must never be lost. A late
+outcome for an expired hold corrects that charge to the actual usage.
+
+The whole state is one pydantic value (`LedgerRecord`) the service persists after every
+change. `applied_seq` is the stream sequence of the last call event applied, so an event
+redelivered after a restart (applied, persisted, then not acked) is not charged twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from beamline.budget import Account, Budget, ConversationSpend, Price, ReserveRequest
+
+CONVERSATIONS_PER_AGENT = 50  # the latest conversations each agent's spend is itemised for
+USD_EPSILON = 1e-12  # float sums: a cost equal to the limit must fit
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Spend(_Model):
+    tokens: int = 0
+    usd: float = 0.0
+    calls: int = 0
+
+
+class Hold(_Model):
+    """A reservation: the estimate held on every account of the chain until settled."""
+
+    request_id: str
+    agent: str
+    accounts: tuple[str, ...]
+    tokens: int
+    usd: float
+    conversation_id: str = ""
+    expires_at: float  # clock time; `late_until` once expired and charged
+    charged: bool = False  # expired: its estimate is charged, a late outcome corrects it
+
+
+class Exhaustion(_Model):
+    """An account that refused a reservation; reported to the supervisor once."""
+
+    request_id: str
+    agent: str
+    reported: bool = False
+
+
+class LedgerRecord(_Model):
+    spent: dict[str, Spend] = Field(default_factory=dict)
+    holds: dict[str, Hold] = Field(default_factory=dict)
+    late: dict[str, Hold] = Field(default_factory=dict)  # expired, kept for late outcomes
+    raised: dict[str, Budget] = Field(default_factory=dict)
+    exhausted: dict[str, Exhaustion] = Field(default_factory=dict)
+    conversations: dict[str, dict[str, Spend]] = Field(default_factory=dict)  # agent -> conv
+    applied_seq: int = 0
+
+
+@dataclass(frozen=True)
+class Granted:
+    hold: Hold
+    again: bool = False  # the same request id reserved before: nothing new is held
+
+
+@dataclass(frozen=True)
+class Refused:
+    account: str  # the outermost account that cannot cover the call
+    limit: Budget
+    spent: Spend
+    held: Spend
+    needed: Spend
+    newly_exhausted: bool  # first refusal since the last raise: report it
+
+    def explain(self) -> str:
+        parts = []
+        if self.limit.tokens is not None:
+            parts.append(
+                f"{self.spent.tokens} of {self.limit.tokens} tokens spent, {self.held.tokens} "
+                f"held, this call needs up to {self.needed.tokens}"
+            )
+        if self.limit.usd is not None:
+            parts.append(
+                f"${self.spent.usd:.6f} of ${self.limit.usd:.6f} spent, ${self.held.usd:.6f} "
+                f"held, this call needs up to ${self.needed.usd:.6f}"
+            )
+        return (
+            f"budget of {self.account} cannot cover this call ({'; '.join(parts)}); its "
+            f"subtree is stopped: raise it with `beamline budget raise {self.account}`"
+        )
+
+
+class LedgerError(ValueError):
+    """An operator's request the ledger refuses (e.g. lowering a budget)."""
+
+
+class Ledger:
+    def __init__(self, record: LedgerRecord | None = None) -> None:
+        self.record = record or LedgerRecord()
+
+    # --- limits ----------------------------------------------------------------------
+
+    def limit(self, account: Account) -> Budget | None:
+        """The account's limit: the file's, raised by any runtime raise."""
+        raised = self.record.raised.get(account.key)
+        if account.budget is None:
+            return raised
+        return account.budget.raised(raised)
+
+    def raise_limit(self, account: Account, budget: Budget) -> Budget:
+        """Raise `account`'s limits to `budget` (each one it sets); lowering is refused.
+        Clears the account's exhaustion, so a new refusal is reported again."""
+        current = self.limit(account)
+        for what in ("tokens", "usd"):
+            new, old = getattr(budget, what), getattr(current, what, None) if current else None
+            if new is not None and old is not None and new < old:
+                raise LedgerError(
+                    f"{account.key}: {what} {new} is below the current limit {old}; budgets "
+                    "are only raised at run time (lower one in the deployment file)"
+                )
+        self.record.raised[account.key] = budget.raised(self.record.raised.get(account.key))
+        self.record.exhausted.pop(account.key, None)
+        limit = self.limit(account)
+        assert limit is not None
+        return limit
+
+    # --- reservations ------------------------------------------------------------------
+
+    def reserve(
+        self,
+        request: ReserveRequest,
+        chain: Sequence[Account],
+        price: Price | None,
+        now: float,
+        ttl_s: float,
+    ) -> Granted | Refused:
+        known = self.record.holds.get(request.request_id)
+        if known is not None:
+            return Granted(known, again=True)
+        tokens = request.input_tokens + request.output_tokens
+        usd = price.cost(request.input_tokens, request.output_tokens) if price else 0.0
+        needed = Spend(tokens=tokens, usd=usd)
+        short: Refused | None = None
+        for account in chain:  # the outermost short account is the subtree to stop
+            limit = self.limit(account)
+            if limit is None:
+                continue
+            spent, held = self.spent(account.key), self.held(account.key)
+            over_tokens = limit.tokens is not None and spent.tokens + held.tokens + tokens > (
+                limit.tokens
+            )
+            over_usd = (
+                limit.usd is not None and spent.usd + held.usd + usd > limit.usd + USD_EPSILON
+            )
+            if over_tokens or over_usd:
+                short = Refused(account.key, limit, spent, held, needed, False)
+        if short is not None:
+            newly = short.account not in self.record.exhausted
+            if newly:
+                self.record.exhausted[short.account] = Exhaustion(
+                    request_id=request.request_id, agent=request.agent
+                )
+            return Refused(short.account, short.limit, short.spent, short.held, needed, newly)
+        hold = Hold(
+            request_id=request.request_id,
+            agent=request.agent,
+            accounts=tuple(a.key for a in chain),
+            tokens=tokens,
+            usd=usd,
+            conversation_id=request.conversation_id,
+            expires_at=now + ttl_s,
+        )
+        self.record.holds[hold.request_id] = hold
+        return Granted(hold)
+
+    def settle(
+        self,
+        request_id: str,
+        agent: str,
+        chain: Sequence[Account],
+        input_tokens: int,
+        output_tokens: int,
+        price: Price | None,
+        conversation_id: str = "",
+    ) -> Spend:
+        """Charge a call's actual usage: to its hold's accounts, or (a call made without a
+        reservation: an agent with no budget on its chain) to `chain`."""
+        hold = self.record.holds.pop(request_id, None) or self.record.late.pop(request_id, None)
+        accounts = hold.accounts if hold else tuple(a.key for a in chain)
+        if not accounts:  # no hold and no agent known: nobody to charge
+            return Spend()
+        if hold is not None and hold.charged:  # expired and charged at its estimate
+            self._charge(accounts, Spend(tokens=-hold.tokens, usd=-hold.usd, calls=-1))
+        actual = Spend(
+            tokens=input_tokens + output_tokens,
+            usd=price.cost(input_tokens, output_tokens) if price else 0.0,
+            calls=1,
+        )
+        self._charge(accounts, actual)
+        self._itemise(hold.agent if hold else agent, conversation_id, actual)
+        return actual
+
+    def release(self, request_id: str) -> Hold | None:
+        """The call failed: nothing was spent (a provider does not bill a failed call)."""
+        hold = self.record.holds.pop(request_id, None)
+        if hold is None:
+            late = self.record.late.pop(request_id, None)
+            if late is not None and late.charged:
+                self._charge(late.accounts, Spend(tokens=-late.tokens, usd=-late.usd, calls=-1))
+            return late
+        return hold
+
+    def expire(self, now: float, late_window_s: float) -> list[Hold]:
+        """Charge holds past their time at their estimate; forget expired ones past the
+        late window. Returns the holds charged now."""
+        for rid in [r for r, h in self.record.late.items() if h.expires_at <= now]:
+            del self.record.late[rid]
+        expired = [h for h in self.record.holds.values() if h.expires_at <= now]
+        for hold in expired:
+            del self.record.holds[hold.request_id]
+            self._charge(hold.accounts, Spend(tokens=hold.tokens, usd=hold.usd, calls=1))
+            late = hold.model_copy(update={"charged": True, "expires_at": now + late_window_s})
+            self.record.late[hold.request_id] = late
+        return expired
+
+    # --- views ---------------------------------------------------------------------------
+
+    def spent(self, key: str) -> Spend:
+        return self.record.spent.get(key) or Spend()
+
+    def held(self, key: str) -> Spend:
+        holds = [h for h in self.record.holds.values() if key in h.accounts]
+        return Spend(
+            tokens=sum(h.tokens for h in holds), usd=sum(h.usd for h in holds), calls=len(holds)
+        )
+
+    def view(self, account: Account) -> dict[str, object]:
+        limit = self.limit(account)
+        spent, held = self.spent(account.key), self.held(account.key)
+        return {
+            "account": account.key,
+            "limit": limit.model_dump(exclude_none=True) if limit else None,
+            "spent_tokens": spent.tokens,
+            "spent_usd": round(spent.usd, 9),
+            "calls": spent.calls,
+            "held_tokens": held.tokens,
+            "held_usd": round(held.usd, 9),
+            "exhausted": account.key in self.record.exhausted,
+        }
+
+    def unreported(self) -> dict[str, Exhaustion]:
+        return {k: e for k, e in self.record.exhausted.items() if not e.reported}
+
+    def mark_reported(self, key: str) -> None:
+        known = self.record.exhausted.get(key)
+        if known is not None:
+            self.record.exhausted[key] = known.model_copy(update={"reported": True})
+
+    def conversations(self, agents: Iterable[str]) -> list[ConversationSpend]:
+        """Each conversation's spend so far for `agents`: the partial results of a subtree."""
+        return [
+            ConversationSpend(
+                agent=agent, conversation_id=conv, calls=s.calls, tokens=s.tokens, usd=s.usd
+            )
+            for agent in agents
+            for conv, s in self.record.conversations.get(agent, {}).items()
+        ]
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _charge(self, accounts: Iterable[str], amount: Spend) -> None:
+        for key in accounts:
+            now = self.spent(key)
+            self.record.spent[key] = Spend(
+                tokens=now.tokens + amount.tokens,
+                usd=now.usd + amount.usd,
+                calls=now.calls + amount.calls,
+            )
+
+    def _itemise(self, agent: str, conversation_id: str, amount: Spend) -> None:
+        if not conversation_id:
+            return
+        convs = self.record.conversations.setdefault(agent, {})
+        now = convs.pop(conversation_id, None) or Spend()  # re-inserted: the newest last
+        convs[conversation_id] = Spend(
+            tokens=now.tokens + amount.tokens, usd=now.usd + amount.usd, calls=now.calls + 1
+        )
+        while len(convs) > CONVERSATIONS_PER_AGENT:
+            del convs[next(iter(convs))]

@@ -1,0 +1,456 @@
+"""The budget service's NATS shell: turns requests and call events into ledger calls, and
+the ledger's answers into replies, events and reports to the supervisor.
+
+    bl.budget.reserve   (gateway, request/reply)   hold a call's estimate, or refuse it
+    bl.budget.raise     (operator)                 raise an account's limits
+    bl.budget.show      (operator)                 spend, holds and limits
+    BL_EVENTS, durable consumer `budget` on bl.events.gateway.>: settle or release holds
+    bl.sup.budget       (request to the supervisor) stop an exhausted subtree; re-sent
+                        until the leader acknowledges
+
+Every ledger change is persisted (`LedgerStore`) before the answer that depends on it, all
+under one lock, so the persisted ledger is always what was answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from beamline import bus, config, nats_auth, streams, subjects
+from beamline.budget import (
+    Account,
+    AccountKind,
+    BudgetReply,
+    RaiseRequest,
+    ReserveRequest,
+    ShowRequest,
+    SubtreeExhausted,
+)
+from beamline.config import Deployment
+from beamline.control import ControlReply
+from beamline.envelope import Envelope, EventPayload, Kind
+from beamline.errors import CallerError, Reason
+from beamline.events import EventSink
+from beamline.service import answer_health, crash_on_error
+from beamline.settings import MeshSettings
+from services.budget.ledger import Granted, Ledger, LedgerError, Refused
+from services.budget.settings import BudgetSettings
+from services.budget.store import LedgerConflict, LedgerStore
+
+log = logging.getLogger("beamline.budget")
+
+SERVICE = "budget"
+COMMANDS = ("reserve", "raise", "show")
+REQUEST_MAX_BYTES = 64 * 1024
+GATEWAY_EVENTS = "bl.events.gateway.>"  # settles use two of them; breakers' are skipped
+ACK_WAIT_S = 30.0
+
+
+class CallOutcome(BaseModel):
+    """The part of a gateway `llm_call_completed` / `llm_call_failed` event's data used here."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str
+    provider: str
+    model: str
+    agent: str = ""  # absent from events of gateways older than budgets: the hold says
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class BudgetService:
+    def __init__(
+        self,
+        settings: BudgetSettings,
+        deployment: Deployment,
+        nc: NATS,
+        store: LedgerStore,
+        ledger: Ledger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.deployment, self.nc = settings, deployment, nc
+        self.store, self.ledger, self.clock = store, ledger, clock
+        self.events = EventSink(nc.jetstream(), SERVICE)
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._subs: list[Subscription] = []
+        self._loops: list[asyncio.Task[None]] = []
+        self.counts = {"granted": 0, "refused": 0, "settled": 0, "released": 0, "expired": 0}
+        self.last_error: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.events.start()
+        self._subs.append(
+            await self.nc.subscribe(
+                subjects.BUDGET_ALL, queue=subjects.QUEUE_BUDGET, cb=self.on_request
+            )
+        )
+        self._subs.append(await answer_health(self.nc, SERVICE, self.status))
+        for name, loop in (
+            ("settle", self._settle_loop),
+            ("sweep", self._sweep_loop),
+            ("report", self._report_loop),
+        ):
+            task = asyncio.create_task(loop(), name=name)
+            task.add_done_callback(crash_on_error)
+            self._loops.append(task)
+        self._wake.set()  # exhaustions persisted but not yet acknowledged: report them
+        log.info("serving", extra={"subject": subjects.BUDGET_ALL, "revision": self.store.revision})
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.events.close(timeout=5.0)
+
+    def status(self) -> dict[str, Any]:
+        record = self.ledger.record
+        return {
+            "revision": self.store.revision,
+            "accounts": len(record.spent),
+            "holds": len(record.holds),
+            "exhausted": sorted(record.exhausted),
+            "applied_seq": record.applied_seq,
+            "events_dropped": self.events.dropped,
+            "last_error": self.last_error,
+            **self.counts,
+        }
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def on_request(self, msg: Msg) -> None:
+        command = subjects.last_token(msg.subject, -1)
+        handlers: dict[str, Callable[[bytes], Awaitable[BudgetReply]]] = {
+            "reserve": self._reserve,
+            "raise": self._raise,
+            "show": self._show,
+        }
+        try:
+            bus.check_size(msg.data, REQUEST_MAX_BYTES)
+            handler = handlers.get(command)
+            if handler is None:
+                raise CallerError(
+                    f"unknown command {msg.subject!r}: bl.budget.{'|'.join(COMMANDS)}",
+                    Reason.INVALID_SCHEMA,
+                )
+            reply = await handler(msg.data)
+        except CallerError as exc:
+            self.last_error = exc.message
+            log.info("request refused", extra={"subject": msg.subject, "error": exc.message})
+            reply = BudgetReply(ok=False, reason=exc.reason.value, error=exc.message)
+        if msg.reply:
+            await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+
+    async def _reserve(self, data: bytes) -> BudgetReply:
+        request = _parse(ReserveRequest, data)
+        if self.deployment.member_spec(request.agent) is None:
+            raise CallerError(
+                f"no agent named {request.agent!r} in this deployment", Reason.UNKNOWN_RECIPIENT
+            )
+        chain = self.deployment.budget_chain(request.agent)
+        price = self.deployment.price(request.provider, request.model)
+        async with self._lock:
+            outcome = self.ledger.reserve(
+                request, chain, price, self.clock(), self.settings.reservation_ttl_s
+            )
+            if not (isinstance(outcome, Granted) and outcome.again):
+                await self._save()
+        trace = {"trace_id": request.trace_id, "request_id": request.request_id}
+        if isinstance(outcome, Granted):
+            self.counts["granted"] += 1
+            return BudgetReply(result={"tokens": outcome.hold.tokens, "usd": outcome.hold.usd})
+        self.counts["refused"] += 1
+        log.warning(
+            "reservation refused; the subtree will be stopped",
+            extra={**trace, "account": outcome.account, "agent": request.agent},
+        )
+        self.events.emit_envelope(_refused_event(request, outcome))
+        if outcome.newly_exhausted:
+            self._wake.set()
+        return BudgetReply(
+            ok=False,
+            reason=Reason.BUDGET_EXHAUSTED.value,
+            error=outcome.explain(),
+            result={"account": outcome.account, "needed_tokens": outcome.needed.tokens},
+        )
+
+    async def _raise(self, data: bytes) -> BudgetReply:
+        request = _parse(RaiseRequest, data)
+        account = self._account(request.kind, request.name)
+        async with self._lock:
+            before = self.ledger.limit(account)
+            was_exhausted = account.key in self.ledger.record.exhausted
+            try:
+                after = self.ledger.raise_limit(account, request.budget)
+            except LedgerError as exc:
+                raise CallerError(str(exc), Reason.INVALID_SCHEMA) from None
+            await self._save()
+        data_ = {
+            "account": account.key,
+            "from": before.model_dump(exclude_none=True) if before else None,
+            "to": after.model_dump(exclude_none=True),
+            "was_exhausted": was_exhausted,
+            "requested_by": request.requested_by,
+        }
+        self.events.emit("budget_raised", data_)
+        log.info("budget raised", extra=data_)
+        return BudgetReply(result={**self.ledger.view(account), "was_exhausted": was_exhausted})
+
+    async def _show(self, data: bytes) -> BudgetReply:
+        request = _parse(ShowRequest, data)
+        if request.name is not None:
+            accounts = [self._account(None, request.name)]
+        else:
+            keys = {a.key: a for agent in self.deployment.agents for a in self._chain(agent.name)}
+            accounts = [a for a in keys.values() if a.budget or a.key in self.ledger.record.spent]
+        return BudgetReply(result={"accounts": [self.ledger.view(a) for a in accounts]})
+
+    # --- call outcomes -------------------------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        js = self.nc.jetstream()
+        sub = await js.pull_subscribe(
+            GATEWAY_EVENTS,
+            durable=subjects.CONSUMER_BUDGET,
+            stream=subjects.STREAM_EVENTS,
+            # NEW: budgets count from the service's first start, not a week of history
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
+            ),
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(self.settings.fetch_batch, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except Exception as exc:  # NATS reconnecting: the events wait in the stream
+                self.last_error = f"fetching call events: {exc!r}"
+                log.warning("call events not fetched; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)
+                continue
+            async with self._lock:
+                for msg in msgs:
+                    self._apply(msg)
+                await self._save()
+            for msg in msgs:
+                await msg.ack()
+
+    def _apply(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq <= self.ledger.record.applied_seq:
+            return  # applied and persisted before a restart, not acked: not twice
+        self.ledger.record.applied_seq = seq
+        name = subjects.last_token(msg.subject, -1)
+        if msg.subject not in (subjects.LLM_CALL_COMPLETED, subjects.LLM_CALL_FAILED):
+            return
+        try:
+            env = bus.decode(msg.data, REQUEST_MAX_BYTES)
+            data = env.payload.data if isinstance(env.payload, EventPayload) else None
+            call = CallOutcome.model_validate(data)
+        except (CallerError, ValidationError) as exc:
+            log.warning("call event unreadable; skipped", extra={"seq": seq, "error": str(exc)})
+            return
+        if msg.subject == subjects.LLM_CALL_FAILED:
+            if self.ledger.release(call.request_id) is not None:
+                self.counts["released"] += 1
+            return
+        chain = self.deployment.budget_chain(call.agent) if call.agent else ()
+        actual = self.ledger.settle(
+            call.request_id,
+            call.agent,
+            chain,
+            call.input_tokens,
+            call.output_tokens,
+            self.deployment.price(call.provider, call.model),
+            env.conversation_id,
+        )
+        self.counts["settled"] += 1
+        log.debug(
+            "call settled",
+            extra={"trace_id": env.trace_id, "event": name, "tokens": actual.tokens},
+        )
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_s)
+            async with self._lock:
+                expired = self.ledger.expire(self.clock(), self.settings.late_window_s)
+                if not expired:
+                    continue
+                await self._save()
+            for hold in expired:
+                self.counts["expired"] += 1
+                data = {"request_id": hold.request_id, "agent": hold.agent, "tokens": hold.tokens}
+                log.warning("reservation expired unsettled; charged at its estimate", extra=data)
+                self.events.emit("reservation_expired", {**data, "usd": hold.usd})
+
+    # --- reports to the supervisor -------------------------------------------------------
+
+    async def _report_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.report_retry_s)
+            self._wake.clear()
+            for key in list(self.ledger.unreported()):
+                if await self._report(key):
+                    async with self._lock:
+                        self.ledger.mark_reported(key)
+                        await self._save()
+
+    async def _report(self, key: str) -> bool:
+        """Ask the leading supervisor to stop the subtree; True once acknowledged."""
+        kind, name = key.split(":", 1)
+        account = self._account(AccountKind(kind), name)
+        exhaustion = self.ledger.record.exhausted[key]
+        if not self.deployment.supervisors:
+            log.warning("budget exhausted; no supervisor declared, so its calls stay refused")
+            return True
+        limit = self.ledger.limit(account)
+        if limit is None:  # the deployment changed: the account has no limit any more
+            return True
+        under = [a for a in self.ledger.record.conversations if key in self._keys(a)]
+        spent = self.ledger.spent(key)
+        report = SubtreeExhausted(
+            kind=account.kind,
+            name=account.name,
+            limit=limit,
+            spent_tokens=spent.tokens,
+            spent_usd=spent.usd,
+            refused_request=exhaustion.request_id,
+            refused_agent=exhaustion.agent,
+            conversations=tuple(self.ledger.conversations(under)),
+        )
+        try:
+            msg = await self.nc.request(
+                subjects.SUBTREE_EXHAUSTED,
+                report.model_dump_json().encode(),
+                timeout=self.settings.supervisor_timeout_s,
+            )
+            reply = ControlReply.model_validate_json(msg.data)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValidationError) as exc:
+            self.last_error = f"supervisor did not acknowledge {key} exhausted: {exc!r}"
+            log.warning("exhaustion not acknowledged; will re-send", extra={"account": key})
+            return False
+        if not reply.ok:
+            log.error("supervisor refused the exhaustion report", extra={"error": reply.error})
+        log.info("exhaustion reported to the supervisor", extra={"account": key})
+        return True
+
+    # --- helpers -------------------------------------------------------------------------
+
+    async def _save(self) -> None:
+        try:
+            await self.store.save(self.ledger.record)
+        except LedgerConflict:
+            log.critical("ledger written by another instance; exiting", exc_info=True)
+            os._exit(70)
+
+    def _chain(self, agent: str) -> tuple[Account, ...]:
+        return self.deployment.budget_chain(agent)
+
+    def _keys(self, agent: str) -> set[str]:
+        return {a.key for a in self._chain(agent)}
+
+    def _account(self, kind: AccountKind | None, name: str) -> Account:
+        """An agent's or supervisor's account by name (`kind` decides when both exist)."""
+        supervisors = {s.name: s for s in self.deployment.supervisors}
+        agent = self.deployment.member_spec(name)
+        found = []
+        if kind in (None, AccountKind.SUPERVISOR) and name in supervisors:
+            found.append(
+                Account(kind=AccountKind.SUPERVISOR, name=name, budget=supervisors[name].budget)
+            )
+        if kind in (None, AccountKind.AGENT) and agent is not None:
+            found.append(Account(kind=AccountKind.AGENT, name=name, budget=agent.budget))
+        if not found:
+            raise CallerError(
+                f"no {kind.value if kind else 'agent or supervisor'} named {name!r}",
+                Reason.UNKNOWN_RECIPIENT,
+            )
+        if len(found) > 1:
+            raise CallerError(
+                f"{name!r} names an agent and a supervisor: say which (kind)",
+                Reason.INVALID_SCHEMA,
+            )
+        return found[0]
+
+
+def _parse(model: type[Any], data: bytes) -> Any:
+    try:
+        return model.model_validate_json(data or b"{}")
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise CallerError(f"not JSON: send a {model.__name__}", Reason.NOT_JSON) from None
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise CallerError(
+            f"not a valid {model.__name__}: {where}: {first['msg']}", Reason.INVALID_SCHEMA
+        ) from None
+
+
+def _refused_event(request: ReserveRequest, refused: Refused) -> Envelope:
+    """In the refused call's own trace and conversation, so `beamline trace` shows why."""
+    fields: dict[str, Any] = {"conversation_id": request.conversation_id or SERVICE}
+    if request.trace_id:
+        fields["trace_id"] = request.trace_id
+    return Envelope(
+        kind=Kind.EVENT,
+        sender=SERVICE,
+        recipient=request.agent,
+        payload=EventPayload(
+            name="reservation_refused",
+            data={
+                "request_id": request.request_id,
+                "agent": request.agent,
+                "account": refused.account,
+                "limit": refused.limit.model_dump(exclude_none=True),
+                "spent_tokens": refused.spent.tokens,
+                "spent_usd": refused.spent.usd,
+                "held_tokens": refused.held.tokens,
+                "needed_tokens": refused.needed.tokens,
+                "needed_usd": refused.needed.usd,
+                "newly_exhausted": refused.newly_exhausted,
+            },
+        ),
+        **fields,
+    )
+
+
+async def main(stop: asyncio.Event) -> None:
+    mesh, settings = MeshSettings(), BudgetSettings()
+    deployment = config.load(mesh.config)  # a bad file stops us here, before connecting
+    nc = await bus.connect(mesh.nats_url, SERVICE)
+    try:
+        js = nc.jetstream()
+        await streams.require_layout(js, nats_auth.USES[nats_auth.Role.BUDGET], mesh.layout_wait_s)
+        store = LedgerStore(await js.key_value(subjects.BUCKET_BUDGET))
+        ledger = Ledger(await store.load())
+        service = BudgetService(settings, deployment, nc, store, ledger)
+        await service.start()
+        await stop.wait()
+        log.info("stopping: no new requests")
+        await service.stop()
+    finally:
+        try:
+            await asyncio.wait_for(nc.drain(), timeout=5)
+        except Exception:  # NATS unreachable at shutdown: nothing left to flush
+            await nc.close()
