@@ -29,7 +29,7 @@ class Removed:
     event: ClassVar[str] = "child_removed"
     child: str
     exit: Exit
-    reason: str  # "temporary" | "normal_exit"
+    reason: str  # "temporary" | "normal_exit" | "budget_exhausted"
     forgotten: bool
 
 

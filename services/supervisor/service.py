@@ -13,8 +13,10 @@ import logging
 from typing import Any
 
 from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from beamline import bus, config, nats_auth, streams, subjects
+from beamline.budget import SubtreeExhausted
 from beamline.control import ChildExit, ControlReply, HostHeartbeat, parse
 from beamline.errors import CallerError
 from beamline.events import EventSink
@@ -25,7 +27,7 @@ from services.supervisor.admin import Admin
 from services.supervisor.commands import HostCommands
 from services.supervisor.lease import Lease
 from services.supervisor.settings import SupervisorSettings
-from services.supervisor.supervision import SOURCE, ExitSeen, Retry, Supervision
+from services.supervisor.supervision import SOURCE, Exhausted, ExitSeen, Retry, Supervision
 
 log = logging.getLogger("beamline.supervisor")
 
@@ -64,6 +66,18 @@ async def main(stop: asyncio.Event) -> None:
         sv.inbox.put_nowait(ExitSeen(report.agent, report.generation, report.exit, report.host))
         await msg.respond(ControlReply().model_dump_json().encode())
 
+    async def on_exhausted(msg: Msg) -> None:
+        if not sv.leading:
+            return  # the budget service re-sends until the leader acknowledges
+        try:
+            report = SubtreeExhausted.model_validate_json(msg.data)
+        except ValidationError as exc:
+            error = f"not a valid SubtreeExhausted: {exc.errors()[0]['msg']}"
+            await msg.respond(ControlReply(ok=False, error=error).model_dump_json().encode())
+            return
+        sv.inbox.put_nowait(Exhausted(report))
+        await msg.respond(ControlReply().model_dump_json().encode())
+
     def status() -> dict[str, Any]:
         return {
             "instance": settings.instance_id,
@@ -79,6 +93,7 @@ async def main(stop: asyncio.Event) -> None:
         await nc.subscribe(subjects.HEARTBEATS_ALL, cb=on_heartbeat),
         await nc.subscribe(subjects.CHILD_EXIT, cb=on_exit),
         await nc.subscribe(subjects.ADMIN_ALL, cb=admin.on_request),
+        await nc.subscribe(subjects.SUBTREE_EXHAUSTED, cb=on_exhausted),
         await answer_health(nc, "supervisor", status),
     ]
     watch = asyncio.create_task(_watch_hosts(sv), name="host-watch")

@@ -16,6 +16,9 @@ class ExitReason(StrEnum):
     NORMAL = "normal"
     SHUTDOWN = "shutdown"
     SHUTDOWN_TERM = "shutdown_term"  # OTP's {shutdown, Term}: a deliberate stop, with a why
+    # the subtree's budget cannot cover its next call: stopped, and not restarted, since a
+    # restart cannot cure it (raising the budget and `beamline restart` do)
+    BUDGET_EXHAUSTED = "budget_exhausted"
     CRASH = "crash"  # anything else
 
 
@@ -26,8 +29,8 @@ class Exit:
 
     @classmethod
     def parse(cls, text: str) -> Exit:
-        """`normal`, `shutdown`, `shutdown:<term>`; anything else is a crash."""
-        if text in (ExitReason.NORMAL, ExitReason.SHUTDOWN):
+        """`normal`, `shutdown`, `shutdown:<term>`, `budget_exhausted`; else a crash."""
+        if text in (ExitReason.NORMAL, ExitReason.SHUTDOWN, ExitReason.BUDGET_EXHAUSTED):
             return cls(ExitReason(text))
         if text.startswith("shutdown:"):
             return cls(ExitReason.SHUTDOWN_TERM, text.removeprefix("shutdown:"))
@@ -35,7 +38,8 @@ class Exit:
 
     @property
     def is_normal(self) -> bool:
-        """normal, shutdown or {shutdown, Term}: a transient child that exits so stays down."""
+        """normal, shutdown, {shutdown, Term} or budget_exhausted: not a crash; a transient
+        child that exits so stays down."""
         return self.reason is not ExitReason.CRASH
 
     def __str__(self) -> str:
@@ -46,6 +50,7 @@ class Exit:
 
 NORMAL = Exit(ExitReason.NORMAL)
 SHUTDOWN = Exit(ExitReason.SHUTDOWN)
+BUDGET_EXHAUSTED = Exit(ExitReason.BUDGET_EXHAUSTED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,10 @@
 2. each restart counts against the intensity window first (`add_restart/1`); past it the
    supervisor gives up (`GaveUp`): it stops its running children in reverse start order and
    exits `shutdown`, and its parent applies its own strategy to that exit.
+   A child stopped for `budget_exhausted` is removed too, whatever its restart type: a
+   restart would be refused its first call again. It is kept (not forgotten, unless
+   temporary), so raising the budget and `restart` bring it back; the exit costs the
+   parent no restart intensity.
 3. the strategy picks who restarts with the child: one_for_one and simple_one_for_one only
    the child; one_for_all every child; rest_for_one the child and those started after it.
    The others in the group are stopped in reverse start order, then the group starts again
@@ -18,7 +22,7 @@ from dataclasses import replace
 
 from beamline.tree import Restart, Strategy
 from services.supervisor.decision import Decision, GaveUp, Ignored, Removed, Restarted
-from services.supervisor.state import ChildState, Exit, SupervisorState
+from services.supervisor.state import ChildState, Exit, ExitReason, SupervisorState
 
 
 def on_child_exit(
@@ -31,8 +35,10 @@ def on_child_exit(
     if not child.running:
         return Ignored(child_id, exit, "not_running"), state
     state = _set_running(state, {child_id}, running=False)
-    if child.restart is Restart.TEMPORARY or (
-        child.restart is Restart.TRANSIENT and exit.is_normal
+    if (
+        child.restart is Restart.TEMPORARY
+        or (child.restart is Restart.TRANSIENT and exit.is_normal)
+        or exit.reason is ExitReason.BUDGET_EXHAUSTED
     ):
         return _remove(state, child, exit)
     allowed, window = state.window.add_restart(now)
@@ -47,8 +53,17 @@ def on_child_exit(
 def _remove(
     state: SupervisorState, child: ChildState, exit: Exit
 ) -> tuple[Decision, SupervisorState]:
-    forget = child.restart is Restart.TEMPORARY or state.strategy is Strategy.SIMPLE_ONE_FOR_ONE
-    reason = "temporary" if child.restart is Restart.TEMPORARY else "normal_exit"
+    budget = exit.reason is ExitReason.BUDGET_EXHAUSTED
+    forget = child.restart is Restart.TEMPORARY or (
+        state.strategy is Strategy.SIMPLE_ONE_FOR_ONE and not budget
+    )
+    reason = (
+        "temporary"
+        if child.restart is Restart.TEMPORARY
+        else "budget_exhausted"
+        if budget
+        else "normal_exit"
+    )
     if forget:
         state = state.with_children(tuple(c for c in state.children if c.id != child.id))
     return Removed(child.id, exit, reason, forget), state

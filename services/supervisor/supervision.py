@@ -26,6 +26,7 @@ from typing import Any
 from nats.js.kv import KeyValue
 
 from beamline import subjects
+from beamline.budget import AccountKind, SubtreeExhausted
 from beamline.config import Deployment
 from beamline.control import AgentState, HostHeartbeat
 from beamline.envelope import Envelope
@@ -46,7 +47,13 @@ from services.supervisor.hosts import HostTable
 from services.supervisor.intensity import RestartIntensity
 from services.supervisor.placement import NoEligibleHost, assign_shards, place_pinned
 from services.supervisor.settings import SupervisorSettings
-from services.supervisor.state import ChildState, Exit, ExitReason, SupervisorState
+from services.supervisor.state import (
+    BUDGET_EXHAUSTED,
+    ChildState,
+    Exit,
+    ExitReason,
+    SupervisorState,
+)
 from services.supervisor.strategy import on_child_exit
 
 log = logging.getLogger("beamline.supervisor")
@@ -108,7 +115,14 @@ class Retry:
     """Try again to start what found no host or no answer."""
 
 
-Input = Lead | ExitSeen | HostLost | HostJoined | Hung | Operate | Retry
+@dataclass(frozen=True)
+class Exhausted:
+    """The budget service refused a call: stop this agent or supervisor with its subtree."""
+
+    report: SubtreeExhausted
+
+
+Input = Lead | ExitSeen | HostLost | HostJoined | Hung | Operate | Retry | Exhausted
 
 
 class Supervision:
@@ -259,6 +273,8 @@ class Supervision:
             case HostJoined(host=host):
                 await self._place(always={host})
                 await self._start_pending()
+            case Exhausted(report=report):
+                await self._budget_exhausted(report)
             case Operate(command="start_child"):
                 return await self._start_children(item.target, item.names, item.count)
             case Operate(command="terminate_child"):
@@ -320,6 +336,39 @@ class Supervision:
                     return
                 self._emit("escalated", sup, sup, parent=parent)
                 await self._child_exited(parent, sup, exit_with)
+
+    async def _budget_exhausted(self, report: SubtreeExhausted) -> None:
+        """Stop the exhausted subtree (gracefully: each agent finishes and journals the
+        message in hand), then let its parent decide on the exit `budget_exhausted`. The
+        event names what the subtree had done: its conversations and their settled calls,
+        whose steps stay in the journal."""
+        target = report.name
+        is_supervisor = report.kind is AccountKind.SUPERVISOR
+        up = target in self.states if is_supervisor else self._is_running(target)
+        if not up:
+            log.info("budget exhausted for a subtree that is not running", extra={"target": target})
+            return
+        parent = self.parent.get(target)
+        self._emit(
+            "budget_exhausted",
+            parent or target,
+            target,
+            kind=report.kind.value,
+            limit=report.limit.model_dump(exclude_none=True),
+            spent_tokens=report.spent_tokens,
+            spent_usd=report.spent_usd,
+            refused_request=report.refused_request,
+            refused_agent=report.refused_agent,
+            conversations=[c.model_dump() for c in report.conversations[:BULK_EVENT_NAMES]],
+        )
+        if is_supervisor:
+            await self._stop_supervisor(target)
+        else:
+            await self._stop([target])
+        if parent is None:
+            log.error("the root's budget is exhausted: the tree is down", extra={"root": target})
+            return
+        await self._child_exited(parent, target, BUDGET_EXHAUSTED)
 
     async def _start(self, ids: Sequence[str]) -> None:
         """Start children in start order; consecutive agents on one host in one command."""

@@ -23,7 +23,9 @@ from beamline.settings import MeshSettings
 
 log = logging.getLogger("beamline.runtime")
 
-SERVICES = ("recorder", "gateway", "supervisor", "agent")  # start order; stopped in reverse
+# start order; stopped in reverse. The budget service before the gateway: a budgeted
+# agent's call is refused while no budget service answers.
+SERVICES = ("recorder", "budget", "gateway", "supervisor", "agent")
 
 
 @dataclass

@@ -165,7 +165,7 @@ def test_every_service_says_which_streams_and_buckets_it_uses() -> None:
 
 def test_services_answer_requests_into_inboxes_only() -> None:
     answerers = {r for r in Role if nats_auth.RIGHTS[r].may_publish("_INBOX.admin.x.y")}
-    assert answerers == {Role.AGENT, Role.SUPERVISOR, Role.GATEWAY, Role.RECORDER}
+    assert answerers == {Role.AGENT, Role.SUPERVISOR, Role.GATEWAY, Role.RECORDER, Role.BUDGET}
     # an answer on a reply subject a requester names elsewhere is refused (no allow_responses)
     assert "allow_responses" not in nats_auth.render(USERS)
     assert not rights(Role.GATEWAY).may_publish(subjects.control("host-1", "restart"))
