@@ -1,0 +1,165 @@
+"""The budget ledger, pure: reservations against a chain of accounts, settlement, expiry,
+raises. No NATS, the clock passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from beamline.budget import (
+    Account,
+    AccountKind,
+    Budget,
+    Price,
+    ReserveRequest,
+    estimate_input_tokens,
+)
+from beamline.envelope import ChatMessage, LLMRequestPayload
+from services.budget.ledger import Granted, Ledger, LedgerError, LedgerRecord, Refused
+
+PRICE = Price(input=1.0, output=2.0)  # USD per million tokens
+
+
+def chain(agent_tokens: int | None = None, team_usd: float | None = None) -> tuple[Account, ...]:
+    return (
+        Account(
+            kind=AccountKind.AGENT,
+            name="a",
+            budget=Budget(tokens=agent_tokens) if agent_tokens is not None else None,
+        ),
+        Account(
+            kind=AccountKind.SUPERVISOR,
+            name="team",
+            budget=Budget(usd=team_usd) if team_usd is not None else None,
+        ),
+    )
+
+
+def ask(rid: str, tokens_in: int = 100, tokens_out: int = 100, agent: str = "a") -> ReserveRequest:
+    return ReserveRequest(
+        request_id=rid,
+        agent=agent,
+        provider="p",
+        model="m",
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        conversation_id="c1",
+    )
+
+
+def test_a_reservation_is_held_on_every_account_of_the_chain() -> None:
+    ledger = Ledger()
+    outcome = ledger.reserve(ask("r1"), chain(1000), PRICE, now=0, ttl_s=60)
+    assert isinstance(outcome, Granted) and outcome.hold.tokens == 200
+    assert ledger.held("agent:a").tokens == 200 and ledger.held("supervisor:team").tokens == 200
+    assert outcome.hold.usd == pytest.approx(300 / 1_000_000)
+
+
+def test_concurrent_holds_never_pass_the_limit_together() -> None:
+    ledger = Ledger()
+    c = chain(500)
+    assert isinstance(ledger.reserve(ask("r1"), c, None, 0, 60), Granted)
+    assert isinstance(ledger.reserve(ask("r2"), c, None, 0, 60), Granted)
+    third = ledger.reserve(ask("r3"), c, None, 0, 60)  # 600 > 500 with the two held
+    assert isinstance(third, Refused) and third.account == "agent:a"
+    assert third.held.tokens == 400 and third.newly_exhausted
+
+
+def test_the_same_request_reserved_twice_is_held_once() -> None:
+    ledger = Ledger()
+    ledger.reserve(ask("r1"), chain(1000), None, 0, 60)
+    again = ledger.reserve(ask("r1"), chain(1000), None, 0, 60)
+    assert isinstance(again, Granted) and again.again
+    assert ledger.held("agent:a").tokens == 200
+
+
+def test_settling_replaces_the_estimate_with_the_actual_usage() -> None:
+    ledger = Ledger()
+    ledger.reserve(ask("r1", 100, 500), chain(1000, 1.0), PRICE, 0, 60)
+    actual = ledger.settle("r1", "a", (), 90, 30, PRICE, "c1")
+    assert actual.tokens == 120 and ledger.held("agent:a").tokens == 0
+    assert ledger.spent("agent:a").tokens == 120 == ledger.spent("supervisor:team").tokens
+    assert ledger.spent("supervisor:team").usd == pytest.approx(150 / 1_000_000)
+    [conv] = ledger.conversations(["a"])
+    assert (conv.conversation_id, conv.calls, conv.tokens) == ("c1", 1, 120)
+
+
+def test_a_call_without_a_reservation_is_charged_to_the_agents_chain() -> None:
+    ledger = Ledger()
+    ledger.settle("r9", "a", chain(), 10, 5, None, "c1")
+    assert ledger.spent("supervisor:team").tokens == 15
+
+
+def test_the_outermost_short_account_is_the_subtree_to_stop() -> None:
+    ledger = Ledger()
+    # the agent (100 tokens) and its team ($0.0001) both cannot cover 200 tokens at $0.0003
+    refused = ledger.reserve(ask("r1"), chain(100, 0.0001), PRICE, 0, 60)
+    assert isinstance(refused, Refused) and refused.account == "supervisor:team"
+    assert "beamline budget raise supervisor:team" in refused.explain()
+
+
+def test_an_exhaustion_is_reported_once_until_the_budget_is_raised() -> None:
+    ledger = Ledger()
+    c = chain(100)
+    first = ledger.reserve(ask("r1"), c, None, 0, 60)
+    second = ledger.reserve(ask("r2"), c, None, 0, 60)
+    assert isinstance(first, Refused) and first.newly_exhausted
+    assert isinstance(second, Refused) and not second.newly_exhausted
+    assert list(ledger.unreported()) == ["agent:a"]
+    ledger.mark_reported("agent:a")
+    assert not ledger.unreported()
+    ledger.raise_limit(c[0], Budget(tokens=1000))
+    assert isinstance(ledger.reserve(ask("r3"), c, None, 0, 60), Granted)
+
+
+def test_a_budget_is_raised_but_never_lowered_at_run_time() -> None:
+    ledger = Ledger()
+    agent = chain(1000)[0]
+    assert ledger.raise_limit(agent, Budget(tokens=5000)).tokens == 5000
+    with pytest.raises(LedgerError, match="below the current limit 5000"):
+        ledger.raise_limit(agent, Budget(tokens=2000))
+    # a cost limit added at run time keeps the token limit
+    both = ledger.raise_limit(agent, Budget(usd=1.0))
+    assert both.tokens == 5000 and both.usd == 1.0
+
+
+def test_a_failed_call_releases_its_hold() -> None:
+    ledger = Ledger()
+    ledger.reserve(ask("r1"), chain(1000), None, 0, 60)
+    assert ledger.release("r1") is not None
+    assert ledger.held("agent:a").tokens == 0 and ledger.spent("agent:a").tokens == 0
+
+
+def test_an_expired_hold_is_charged_at_its_estimate_and_a_late_outcome_corrects_it() -> None:
+    ledger = Ledger()
+    ledger.reserve(ask("r1", 100, 400), chain(1000), None, now=0, ttl_s=60)
+    assert ledger.expire(now=59, late_window_s=600) == []
+    [expired] = ledger.expire(now=61, late_window_s=600)
+    assert expired.request_id == "r1" and ledger.spent("agent:a").tokens == 500
+    ledger.settle("r1", "a", (), 100, 20, None, "c1")  # the call did finish, late
+    assert ledger.spent("agent:a").tokens == 120 and ledger.spent("agent:a").calls == 1
+    ledger.expire(now=10_000, late_window_s=600)
+    assert not ledger.record.late
+
+
+def test_the_ledger_round_trips_through_its_record() -> None:
+    ledger = Ledger()
+    ledger.reserve(ask("r1"), chain(1000), PRICE, 0, 60)
+    ledger.settle("r0", "a", chain(1000), 5, 5, PRICE, "c0")
+    ledger.raise_limit(chain()[1], Budget(usd=3))
+    copy = Ledger(LedgerRecord.model_validate_json(ledger.record.model_dump_json()))
+    assert copy.record == ledger.record
+    assert copy.held("agent:a").tokens == 200 and copy.spent("agent:a").tokens == 10
+
+
+def test_the_input_estimate_covers_what_the_provider_counts() -> None:
+    text = "x" * 1000
+    payload = LLMRequestPayload(
+        provider="p",
+        model="m",
+        messages=(
+            ChatMessage(role="system", content="s" * 40),
+            ChatMessage(role="user", content=text),
+        ),
+    )
+    # fakellm (like a tokenizer on English) counts about one token per 4 characters
+    assert estimate_input_tokens(payload) >= (1040 + 3) // 4
