@@ -120,13 +120,13 @@ class ReserveRequest(_Strict):
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0, description="the request's max_tokens")
     conversation_id: str = ""
-    trace_id: str = ""
+    trace_id: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
 
 
 class RaiseRequest(_Strict):
     """Raise an account's limits at run time; a lower value than the current one is refused."""
 
-    kind: AccountKind
+    kind: AccountKind | None = None  # needed only when an agent and a supervisor share the name
     name: str = Field(min_length=1, max_length=128)
     budget: Budget
     requested_by: str = "operator"

@@ -18,8 +18,10 @@ from urllib.parse import unquote
 
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError
 from nats.aio.client import Client as NATS
+from pydantic import ValidationError
 
 from beamline import (
+    budget_ops,
     bus,
     client,
     config,
@@ -32,7 +34,8 @@ from beamline import (
     storage,
     traceview,
 )
-from beamline.errors import BeamlineError, Reason, TransientError
+from beamline.budget import Budget
+from beamline.errors import BeamlineError, CallerError, Reason, TransientError
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 
@@ -256,6 +259,32 @@ async def cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_budget(args: argparse.Namespace) -> int:
+    """show: spend, holds and limits; raise: higher limits, recorded, the subtree restarted."""
+    limit = None
+    if args.budget_command == "raise":
+        try:
+            limit = Budget(tokens=args.tokens, usd=args.usd)
+        except ValidationError as exc:  # none given, or a negative one
+            err = exc.errors()[0]
+            where = "--" + ".".join(str(p) for p in err["loc"]) if err["loc"] else "--tokens/--usd"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise CallerError(f"budget raise {where}: {msg}") from None
+    nc = await _connect(MeshSettings())
+    try:
+        if limit is None:
+            result = await budget_ops.show(nc, args.target)
+        else:
+            result = await budget_ops.raise_budget(nc, args.target, limit)
+    finally:
+        await nc.close()
+    if args.json or args.budget_command == "raise":
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(budget_ops.render(result["accounts"]))
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from beamline import demo
 
@@ -341,6 +370,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     tc.add_argument("target", metavar="AGENT")
     tc.add_argument("--json", action="store_true")
+    b = sub.add_parser("budget", help="token and cost budgets: show spend, raise a limit")
+    b_sub = b.add_subparsers(dest="budget_command", required=True)
+    bs = b_sub.add_parser("show", help="every budgeted account, or one agent or supervisor")
+    bs.add_argument("target", nargs="?", help="an agent or supervisor")
+    bs.add_argument("--json", action="store_true")
+    br = b_sub.add_parser(
+        "raise", help="raise an agent's or supervisor's limits; recorded; restarts it if stopped"
+    )
+    br.add_argument("target", help="an agent or supervisor")
+    br.add_argument("--tokens", type=int, help="the new token limit (input + output)")
+    br.add_argument("--usd", type=float, help="the new cost limit in USD")
+    br.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="run a small research team against fakellm and exit")
     mesh_flags(d)
     d.add_argument("--data-dir", default=".beamline/demo")
@@ -351,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     # a command reports its own outcome; reconnect chatter from the client would only bury it
     logging.basicConfig(level=logging.ERROR)
     args = _parser().parse_args(argv)
-    name = " ".join(filter(None, (args.command, getattr(args, "db_command", None))))
+    sub = getattr(args, "db_command", None) or getattr(args, "budget_command", None)
+    name = " ".join(filter(None, (args.command, sub)))
     handlers: dict[str, Any] = {
         "up": cmd_up,
         "submit": cmd_submit,
@@ -360,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         "db": cmd_db_migrate,
         "init": cmd_init,
         "check": cmd_check,
+        "budget": cmd_budget,
         "demo": cmd_demo,
         **{
             command: cmd_ops
