@@ -145,10 +145,22 @@ DENIED = [
     ("gateway", PUB, subjects.reply("c1")),
     ("gateway", PUB, subjects.event("agent", "x")),
     ("gateway", SUB, subjects.QUERY),
+    ("gateway", PUB, subjects.BUDGET_RAISE),  # it may ask for reservations, nothing else
+    ("gateway", PUB, subjects.SUBTREE_EXHAUSTED),
     ("recorder", PUB, subjects.task("research")),
     ("recorder", PUB, subjects.event("gateway", "x")),
     ("recorder", PUB, "$JS.API.STREAM.PURGE.BL_TASKS"),
     ("recorder", SUB, subjects.LLM_ALL),
+    ("agent", PUB, subjects.BUDGET_RESERVE),  # only the gateway reserves
+    ("budget", PUB, subjects.control("host-1", "stop")),  # it asks the supervisor instead
+    ("budget", PUB, subjects.event("gateway", "llm_call_completed")),  # no forged usage
+    ("budget", PUB, subjects.admin("restart")),
+    ("budget", PUB, subjects.llm("openai")),
+    ("budget", PUB, "$KV.BL_SUPERVISOR.tree"),
+    ("budget", PUB, "$JS.API.STREAM.PURGE.BL_EVENTS"),
+    ("budget", SUB, subjects.BUDGET_ALL),  # only in its queue group
+    ("budget", SUB, subjects.EVENTS_ALL),  # events come through its durable consumer
+    ("alice", PUB, subjects.BUDGET_RAISE),
     ("alice", PUB, subjects.QUERY),
     ("alice", PUB, subjects.llm("openai")),
     ("alice", PUB, subjects.journal("writer", "c1")),
@@ -387,6 +399,46 @@ async def test_the_gateway_answers_llm_calls_and_the_recorder_records_and_answer
     await msg.ack_sync(timeout=5)
     await bus.publish(r_js, subjects.event("recorder", "lagging"), envelope("c1"))
     for conn in (gateway, recorder, agent, admin, alice):
+        assert not conn.errors, (conn.user, conn.errors)
+
+
+async def test_the_budget_service_reserves_settles_from_events_and_reports_to_the_supervisor(
+    connect: Connect,
+) -> None:
+    budget, gateway, supervisor = (
+        await connect("budget"),
+        await connect("gateway"),
+        await connect("supervisor"),
+    )
+    admin = await connect("admin")
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b'{"ok": true}')
+
+    await budget.nc.subscribe(subjects.BUDGET_ALL, queue=subjects.QUEUE_BUDGET, cb=answer)
+    await budget.nc.subscribe(subjects.health("budget"), queue="budget", cb=answer)
+    await supervisor.nc.subscribe(subjects.SUBTREE_EXHAUSTED, cb=answer)
+    for conn in (budget, supervisor):
+        await conn.nc.flush()
+    assert (await gateway.nc.request(subjects.BUDGET_RESERVE, b"{}", timeout=5)).data
+    assert (await admin.nc.request(subjects.BUDGET_RAISE, b"{}", timeout=5)).data
+    assert (await admin.nc.request(subjects.BUDGET_SHOW, b"{}", timeout=5)).data
+    assert (await budget.nc.request(subjects.health("budget"), b"", timeout=5)).data
+    assert (await budget.nc.request(subjects.SUBTREE_EXHAUSTED, b"{}", timeout=5)).data
+
+    # the gateway's call events, through its durable consumer: declare, pull, ack
+    g_js, b_js = gateway.nc.jetstream(), budget.nc.jetstream()
+    await bus.publish(g_js, subjects.LLM_CALL_COMPLETED, envelope("c1"))
+    events = await b_js.pull_subscribe(
+        "bl.events.gateway.>", durable=subjects.CONSUMER_BUDGET, stream=subjects.STREAM_EVENTS
+    )
+    (msg,) = await events.fetch(1, timeout=5)
+    await msg.ack_sync(timeout=5)
+    ledger = await b_js.key_value(subjects.BUCKET_BUDGET)
+    revision = await ledger.create("ledger", b"{}")
+    await ledger.update("ledger", b"{}", last=revision)
+    await bus.publish(b_js, subjects.event("budget", "budget_raised"), envelope("c1"))
+    for conn in (budget, gateway, supervisor, admin):
         assert not conn.errors, (conn.user, conn.errors)
 
 
