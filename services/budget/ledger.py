@@ -95,9 +95,13 @@ class Refused:
                 f"${self.spent.usd:.6f} of ${self.limit.usd:.6f} spent, ${self.held.usd:.6f} "
                 f"held, this call needs up to ${self.needed.usd:.6f}"
             )
+        name = self.account.split(":", 1)[1]
+        flags = " ".join(
+            f"--{what} N" for what in ("tokens", "usd") if getattr(self.limit, what) is not None
+        )
         return (
             f"budget of {self.account} cannot cover this call ({'; '.join(parts)}); its "
-            f"subtree is stopped: raise it with `beamline budget raise {self.account}`"
+            f"subtree is stopped: raise it with `beamline budget raise {name} {flags}`"
         )
 
 

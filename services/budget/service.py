@@ -450,7 +450,4 @@ async def main(stop: asyncio.Event) -> None:
         log.info("stopping: no new requests")
         await service.stop()
     finally:
-        try:
-            await asyncio.wait_for(nc.drain(), timeout=5)
-        except Exception:  # NATS unreachable at shutdown: nothing left to flush
-            await nc.close()
+        await bus.drain(nc)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from beamline import ops, subjects
 from beamline.budget import AccountKind, Budget, BudgetReply, RaiseRequest, ShowRequest
-from beamline.errors import BeamlineError, CallerError, Reason, TransientError
+from beamline.errors import BeamlineError, Reason, TransientError, refusal
 
 
 async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 10) -> dict[str, Any]:
@@ -29,10 +29,7 @@ async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 10) 
         ) from exc
     reply = BudgetReply.model_validate_json(msg.data)
     if not reply.ok:
-        known = {r.value for r in Reason}
-        raise CallerError(
-            reply.error or "refused", Reason(reply.reason) if reply.reason in known else None
-        )
+        raise refusal(reply.error, reply.reason)
     return reply.result
 
 

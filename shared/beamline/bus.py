@@ -231,3 +231,12 @@ async def publish(
     if extra_headers:
         headers.update(extra_headers)
     return await js.publish(subject, encode(env), headers=headers, timeout=timeout)
+
+
+async def drain(nc: NATS, timeout: float = 5.0) -> None:
+    """Flush what is pending and close; when NATS is unreachable at shutdown, just close:
+    nothing is left that could be flushed."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=timeout)
+    except Exception:
+        await nc.close()

@@ -61,6 +61,13 @@ class CallerError(BeamlineError):
     """Bad input: reply with the reason or dead-letter it; retrying cannot help."""
 
 
+def refusal(message: str | None, reason: str | None) -> CallerError:
+    """A service's refusal as it came over the wire (message and reason code), raised again
+    on this side with the reason kept when it is one of ours."""
+    known = {r.value for r in Reason}
+    return CallerError(message or "refused", Reason(reason) if reason in known else None)
+
+
 class TransientError(BeamlineError):
     """A dependency is unavailable for now: retry with backoff."""
 

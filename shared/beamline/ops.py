@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 
 from beamline import subjects
 from beamline.control import AdminReply, AdminRequest
-from beamline.errors import CallerError, Reason, TransientError
+from beamline.errors import Reason, TransientError, refusal
 
 
 async def admin(
@@ -37,10 +37,7 @@ async def admin(
         ) from exc
     reply = AdminReply.model_validate_json(msg.data)
     if not reply.ok:
-        known = {r.value for r in Reason}
-        raise CallerError(
-            reply.error or "refused", Reason(reply.reason) if reply.reason in known else None
-        )
+        raise refusal(reply.error, reply.reason)
     return reply.result
 
 

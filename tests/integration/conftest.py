@@ -3,14 +3,17 @@ gateway and agent host as real processes on free 127.0.0.1 ports, torn down even
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from beamline import bus, nats_auth, nats_credentials
 from beamline.process import Process
@@ -50,6 +53,25 @@ class MeshHandle:
 
     def logs(self, name: str) -> str:
         return self.mesh.process(name).logs()
+
+    async def events(self, subject: str) -> list[dict[str, Any]]:
+        """Every event on `subject` (wildcards allowed) so far, oldest first, as
+        {event, **data}, read from BL_EVENTS."""
+        sub = await self.js.subscribe(
+            subject,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        out: list[dict[str, Any]] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=0.3)
+                payload = json.loads(msg.data)["payload"]
+                out.append({"event": payload["name"], **payload["data"]})
+        except nats.errors.TimeoutError:
+            return out
+        finally:
+            await sub.unsubscribe()
 
     async def connect_as(self, role: nats_auth.Role, name: str) -> NATS:
         """A connection as one service role's NATS user (e.g. the only one that may publish

@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
 from beamline import budget_ops, nats_auth, query, subjects
 from beamline.budget import Budget
 from beamline.client import await_reply, submit
@@ -62,20 +60,7 @@ async def spend_until_refused(mesh: MeshHandle, agents: list[str]) -> tuple[list
 
 
 async def budget_events(mesh: MeshHandle, name: str) -> list[dict[str, Any]]:
-    sub = await mesh.js.subscribe(
-        subjects.event("budget", name),
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
-    out: list[dict[str, Any]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.3)
-            out.append(json.loads(msg.data)["payload"]["data"])
-    except TimeoutError:
-        return out
-    finally:
-        await sub.unsubscribe()
+    return await mesh.events(subjects.event("budget", name))
 
 
 async def recorded(mesh: MeshHandle, sql: str, **params: str) -> list[list[Any]]:

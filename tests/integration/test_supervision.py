@@ -12,9 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nats.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
 from beamline import nats_auth, subjects
 from beamline.client import await_reply, reply_text, submit
 from beamline.testing import wait_for
@@ -41,21 +38,7 @@ async def supervised_mesh(start_mesh: MeshFactory, **env: str) -> MeshHandle:
 
 async def events(mesh: MeshHandle) -> list[dict[str, Any]]:
     """Every supervisor event so far, oldest first, as {event, **data}."""
-    sub = await mesh.js.subscribe(
-        "bl.events.supervisor.>",
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
-    out: list[dict[str, Any]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.3)
-            payload = json.loads(msg.data)["payload"]
-            out.append({"event": payload["name"], **payload["data"]})
-    except nats.errors.TimeoutError:
-        return out
-    finally:
-        await sub.unsubscribe()
+    return await mesh.events("bl.events.supervisor.>")
 
 
 async def started(mesh: MeshHandle, agent: str) -> bool:

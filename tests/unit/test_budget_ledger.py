@@ -94,7 +94,7 @@ def test_the_outermost_short_account_is_the_subtree_to_stop() -> None:
     # the agent (100 tokens) and its team ($0.0001) both cannot cover 200 tokens at $0.0003
     refused = ledger.reserve(ask("r1"), chain(100, 0.0001), PRICE, 0, 60)
     assert isinstance(refused, Refused) and refused.account == "supervisor:team"
-    assert "beamline budget raise supervisor:team" in refused.explain()
+    assert "beamline budget raise team --usd N" in refused.explain()
 
 
 def test_an_exhaustion_is_reported_once_until_the_budget_is_raised() -> None:
