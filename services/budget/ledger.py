@@ -272,14 +272,32 @@ class Ledger:
             self.record.exhausted[key] = known.model_copy(update={"reported": True})
 
     def conversations(self, agents: Iterable[str]) -> list[ConversationSpend]:
-        """Each conversation's spend so far for `agents`: the partial results of a subtree."""
-        return [
-            ConversationSpend(
-                agent=agent, conversation_id=conv, calls=s.calls, tokens=s.tokens, usd=s.usd
-            )
-            for agent in agents
-            for conv, s in self.record.conversations.get(agent, {}).items()
-        ]
+        """Each conversation's spend so far for `agents`: the partial results of a subtree,
+        with the calls still in flight (held, their outcome not settled yet)."""
+        wanted = set(agents)
+        flying: dict[tuple[str, str], int] = {}
+        for hold in self.record.holds.values():
+            if hold.agent in wanted and hold.conversation_id:
+                key = (hold.agent, hold.conversation_id)
+                flying[key] = flying.get(key, 0) + 1
+        out = []
+        for agent in sorted(wanted):
+            for conv, s in self.record.conversations.get(agent, {}).items():
+                out.append(
+                    ConversationSpend(
+                        agent=agent,
+                        conversation_id=conv,
+                        calls=s.calls,
+                        tokens=s.tokens,
+                        usd=s.usd,
+                        in_flight=flying.pop((agent, conv), 0),
+                    )
+                )
+        out.extend(
+            ConversationSpend(agent=a, conversation_id=c, calls=0, tokens=0, usd=0.0, in_flight=n)
+            for (a, c), n in flying.items()
+        )
+        return out
 
     # --- helpers -------------------------------------------------------------------------
 

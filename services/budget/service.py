@@ -327,7 +327,11 @@ class BudgetService:
         limit = self.ledger.limit(account)
         if limit is None:  # the deployment changed: the account has no limit any more
             return True
-        under = [a for a in self.ledger.record.conversations if key in self._keys(a)]
+        agents = {
+            *self.ledger.record.conversations,
+            *(h.agent for h in self.ledger.record.holds.values()),
+        }
+        under = [a for a in agents if key in self._keys(a)]
         spent = self.ledger.spent(key)
         report = SubtreeExhausted(
             kind=account.kind,

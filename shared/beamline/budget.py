@@ -148,9 +148,10 @@ class ConversationSpend(_Strict):
 
     agent: str
     conversation_id: str
-    calls: int
+    calls: int  # settled
     tokens: int
     usd: float
+    in_flight: int = 0  # calls reserved whose outcome is not settled yet
 
 
 class SubtreeExhausted(_Strict):

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from beamline import budget_ops, nats_auth, query, subjects
 from beamline.budget import Budget
 from beamline.client import await_reply, submit
@@ -63,6 +65,14 @@ async def budget_events(mesh: MeshHandle, name: str) -> list[dict[str, Any]]:
     return await mesh.events(subjects.event("budget", name))
 
 
+async def used_tokens(mesh: MeshHandle, agents: set[str]) -> int:
+    """What the gateway reported the provider billed for these agents' calls."""
+    completed = await mesh.events(subjects.LLM_CALL_COMPLETED)
+    return sum(
+        e["input_tokens"] + e["output_tokens"] for e in completed if e.get("agent") in agents
+    )
+
+
 async def recorded(mesh: MeshHandle, sql: str, **params: str) -> list[list[Any]]:
     return (await query.query(mesh.nc, sql, params)).rows
 
@@ -71,6 +81,17 @@ async def account(mesh: MeshHandle, name: str) -> dict[str, Any]:
     rows: list[dict[str, Any]] = (await budget_ops.show(mesh.nc, name))["accounts"]
     assert len(rows) == 1
     return rows[0]
+
+
+async def settled(mesh: MeshHandle, name: str, calls: int) -> dict[str, Any]:
+    """The account once `calls` calls are settled from the gateway's events, none held."""
+
+    async def done() -> dict[str, Any] | None:
+        row = await account(mesh, name)
+        return row if row["calls"] == calls and row["held_tokens"] == 0 else None
+
+    found: dict[str, Any] = await wait_for(done, timeout=20, what=f"{name}'s calls settled")
+    return found
 
 
 async def test_an_agent_over_budget_is_stopped_before_its_next_call_and_a_raise_resumes_it(
@@ -85,8 +106,9 @@ async def test_an_agent_over_budget_is_stopped_before_its_next_call_and_a_raise_
     [refusal] = await budget_events(mesh, "reservation_refused")
     assert refusal["account"] == "agent:spender" and refusal["newly_exhausted"]
     assert refusal["spent_tokens"] + refusal["held_tokens"] + refusal["needed_tokens"] > 300
-    spent = await account(mesh, "spender")
-    assert spent["spent_tokens"] <= 300 and spent["calls"] == len(answered)
+    spent = await settled(mesh, "spender", len(answered))
+    assert spent["spent_tokens"] <= 300
+    assert await used_tokens(mesh, {"spender"}) == spent["spent_tokens"]
 
     # the supervisor stops the agent with exit budget_exhausted; its parent keeps it stopped
     async def stopped() -> list[dict[str, Any]]:
@@ -100,7 +122,8 @@ async def test_an_agent_over_budget_is_stopped_before_its_next_call_and_a_raise_
     assert exited["exit"] == "budget_exhausted" and not named(evs, "child_restarted", "spender")
     # the partial results: each answered conversation, with its settled call
     assert {c["conversation_id"] for c in exhausted["conversations"]} == set(answered)
-    assert all(c["calls"] == 1 for c in exhausted["conversations"])
+    # (settled, or still in flight when the report was sent)
+    assert all(c["calls"] + c["in_flight"] == 1 for c in exhausted["conversations"])
     row = next(r for r in (await admin(mesh, "ps"))["result"] if r["agent"] == "spender")
     assert row["state"] == "stopped"
 
@@ -140,8 +163,10 @@ async def test_a_supervisor_budget_covers_its_two_agents_and_stops_its_subtree(
     answered, _ = await spend_until_refused(mesh, ["alpha", "beta"])
     made = await calls(mesh, "alpha") + await calls(mesh, "beta")
     assert made == len(answered) >= 2  # both agents spent from the team's budget
-    team = await account(mesh, "team")
+    team = await settled(mesh, "team", len(answered))
     assert team["spent_usd"] <= 0.3 and team["exhausted"]
+    # $1,000 per million tokens, in and out: the team's cost is its agents' tokens / 1,000
+    assert team["spent_usd"] == pytest.approx(await used_tokens(mesh, {"alpha", "beta"}) / 1000)
     [refusal] = await budget_events(mesh, "reservation_refused")
     assert refusal["account"] == "supervisor:team"
 
@@ -173,11 +198,7 @@ async def test_the_budget_service_keeps_its_spend_across_a_restart_and_refuses_b
         _, reply = await ask(mesh, "spender", "short")
         assert getattr(reply.payload, "text", None) == "ok"
 
-    async def settled() -> dict[str, Any] | None:
-        row = await account(mesh, "spender")
-        return row if row["calls"] == 2 and row["held_tokens"] == 0 else None
-
-    before = await wait_for(settled, timeout=20, what="both calls settled")
+    before = await settled(mesh, "spender", 2)
 
     # down: a budgeted agent's call is refused with a clear reason, and not made
     mesh.mesh.process("budget").kill()

@@ -83,6 +83,15 @@ def test_settling_replaces_the_estimate_with_the_actual_usage() -> None:
     assert (conv.conversation_id, conv.calls, conv.tokens) == ("c1", 1, 120)
 
 
+def test_the_partial_results_name_settled_and_in_flight_conversations() -> None:
+    ledger = Ledger()
+    ledger.reserve(ask("r1"), chain(1000), None, 0, 60)
+    ledger.settle("r1", "a", (), 10, 5, None, "c1")
+    ledger.reserve(ask("r2").model_copy(update={"conversation_id": "c2"}), chain(1000), None, 0, 60)
+    got = {(c.conversation_id, c.calls, c.in_flight) for c in ledger.conversations(["a"])}
+    assert got == {("c1", 1, 0), ("c2", 0, 1)}
+
+
 def test_a_call_without_a_reservation_is_charged_to_the_agents_chain() -> None:
     ledger = Ledger()
     ledger.settle("r9", "a", chain(), 10, 5, None, "c1")
