@@ -157,6 +157,11 @@ class BudgetService:
             self.last_error = exc.message
             log.info("request refused", extra={"subject": msg.subject, "error": exc.message})
             reply = BudgetReply(ok=False, reason=exc.reason.value, error=exc.message)
+        except Exception as exc:  # the ledger could not be persisted (NATS, JetStream down)
+            self.last_error = f"{msg.subject}: {exc!r}"
+            log.exception("request failed; answered unavailable", extra={"subject": msg.subject})
+            why = f"the budget ledger could not be persisted ({exc!r}); nothing was granted"
+            reply = BudgetReply(ok=False, reason=Reason.BUDGET_UNAVAILABLE.value, error=why)
         if msg.reply:
             await msg.respond(reply.model_dump_json(exclude_none=True).encode())
 
@@ -173,7 +178,12 @@ class BudgetService:
                 request, chain, price, self.clock(), self.settings.reservation_ttl_s
             )
             if not (isinstance(outcome, Granted) and outcome.again):
-                await self._save()
+                try:
+                    await self._save()
+                except Exception:
+                    if isinstance(outcome, Granted):  # not persisted: not granted either
+                        self.ledger.release(request.request_id)
+                    raise
         trace = {"trace_id": request.trace_id, "request_id": request.request_id}
         if isinstance(outcome, Granted):
             self.counts["granted"] += 1

@@ -66,8 +66,9 @@ class Reservations:
         if answer.reason == Reason.BUDGET_EXHAUSTED:
             log.info("budget exhausted; call not made", extra=ctx(request, error=answer.error))
             return self._refuse(request, Reason.BUDGET_EXHAUSTED, answer.error or "")
-        # the budget service rejected our own request: a bug here, not the caller's fault
-        why = f"the budget service refused the reservation: {answer.reason}: {answer.error}"
+        # it could not persist the hold, or rejected our own request (a bug here): either
+        # way the agent is not at fault, and the call is not made
+        why = f"the budget service did not grant the reservation: {answer.reason}: {answer.error}"
         log.error("reservation rejected", extra=ctx(request, error=why))
         return self._refuse(request, Reason.BUDGET_UNAVAILABLE, why)
 
