@@ -3,7 +3,10 @@ gateway and agent host as real processes on free 127.0.0.1 ports, torn down even
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -72,6 +75,18 @@ class MeshHandle:
             return out
         finally:
             await sub.unsubscribe()
+
+    async def cli(self, *argv: str) -> tuple[int, str]:
+        """`beamline ARGV...` as an operator on this mesh: (exit code, stdout and stderr)."""
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "beamline"),
+            *argv,
+            env={**os.environ, **self.mesh.env()},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+        return proc.returncode or 0, out.decode()
 
     async def connect_as(self, role: nats_auth.Role, name: str) -> NATS:
         """A connection as one service role's NATS user (e.g. the only one that may publish

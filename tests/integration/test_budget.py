@@ -183,6 +183,13 @@ async def test_a_supervisor_budget_covers_its_two_agents_and_stops_its_subtree(
     assert exited["exit"] == "budget_exhausted"
     [exhausted] = named(evs, "budget_exhausted", "team")
     assert {c["agent"] for c in exhausted["conversations"]} == {"alpha", "beta"}
+    code, shown = await mesh.cli("budget", "show", "team")
+    assert code == 0, shown
+    header, row = shown.splitlines()
+    assert header.split()[:2] == ["ACCOUNT", "LIMIT"] and row.split()[0] == "supervisor:team"
+    assert row.split()[-1] == "yes"  # exhausted
+    code, out = await mesh.cli("budget", "raise", "team", "--usd", "0.1")
+    assert code == 2 and "below the current limit 0.3" in out, out
     tree = (await admin(mesh, "tree"))["result"]
     assert not next(c for c in tree["children"] if c.get("supervisor") == "team")["up"]
     # a sibling outside the subtree works on

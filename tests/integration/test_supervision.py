@@ -5,10 +5,7 @@ re-homed; a hung agent is killed and restarted; a standby supervisor takes over.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +306,7 @@ async def test_the_cli_shows_ps_and_the_tree_and_names_unknown_agents(
 ) -> None:
     mesh = await supervised_mesh(start_mesh)
 
-    async def beamline(*argv: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "beamline"),
-            *argv,
-            env={**os.environ, **mesh.mesh.env()},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
-        return proc.returncode or 0, out.decode()
+    beamline = mesh.cli
 
     code, ps = await beamline("ps")
     assert code == 0, ps
