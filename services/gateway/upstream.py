@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import httpx
 
+from beamline.circuit import Circuit
 from beamline.config import Provider
 from beamline.envelope import LLMRequestPayload
 from beamline.errors import Reason
@@ -44,6 +45,9 @@ class CallResult:
     attempts: int  # HTTP requests actually sent
     latency_ms: float
     status: int | None = None  # the last HTTP status seen
+    # the breaker is open now (this call was refused, or its failure tripped it): callers
+    # should fail over or pause instead of retrying this provider
+    circuit_open: bool = False
 
 
 @dataclass
@@ -211,14 +215,20 @@ class Upstream:
         )
         self.counters.last_error = message
         return CallResult(
-            None, last.verdict.reason, message, attempts, _ms_since(started), last.status
+            None,
+            last.verdict.reason,
+            message,
+            attempts,
+            _ms_since(started),
+            last.status,
+            circuit_open=self.breaker.circuit is Circuit.OPEN,
         )
 
     def _refused(self, message: str, started: float) -> CallResult:
         self.counters.refused += 1
         text = self._redactor.scrub(message)
         self.counters.last_error = text
-        return CallResult(None, Reason.PROVIDER_UNAVAILABLE, text, 0, _ms_since(started))
+        return CallResult(None, Reason.CIRCUIT_OPEN, text, 0, _ms_since(started), circuit_open=True)
 
 
 def _ms_since(started: float) -> float:
