@@ -178,6 +178,8 @@ class Gateway:
                     "calls_ok": up.counters.ok,
                     "calls_failed": up.counters.failed,
                     "refused": up.counters.refused,
+                    "throttled": up.counters.throttled,
+                    "throttled_for_s": round(max(0.0, up.throttled_until - time.monotonic()), 3),
                     "http_attempts": up.counters.http_attempts,
                     "api_key": "missing" if up.missing_key else "ok",
                     "last_error": up.counters.last_error,
