@@ -21,6 +21,7 @@ from nats.js.client import JetStreamContext
 from beamline import subjects
 from beamline.circuit import BreakerRecord, Circuit
 from beamline.config import ModelChoice
+from beamline.service import crash_on_error
 from services.agent import failover
 from services.agent.failover import Route, Seen
 
@@ -82,6 +83,7 @@ class CircuitView:
 
     def start(self, js: JetStreamContext) -> None:
         self._task = asyncio.create_task(self._follow(js), name="agent-breaker-watch")
+        self._task.add_done_callback(crash_on_error)
 
     async def close(self) -> None:
         if self._task is not None:

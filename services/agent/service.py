@@ -9,7 +9,7 @@ from typing import Any
 from beamline import bus, config, nats_auth, streams
 from beamline.events import EventSink
 from beamline.nats_auth import Role
-from beamline.service import answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.agent.circuits import CircuitView
 from services.agent.control import Control
@@ -62,6 +62,7 @@ async def main(stop: asyncio.Event) -> None:
 
     health = await answer_health(nc, "agent", status)
     keeper = asyncio.create_task(host.keep_waiting_messages(), name="mailbox-keeper")
+    keeper.add_done_callback(crash_on_error)
     await control.start()
     await dispatcher.start()
     log.info(
