@@ -21,6 +21,7 @@ from beamline.envelope import (
     ChatMessage,
     Envelope,
     ErrorPayload,
+    EventPayload,
     Kind,
     LLMRequestPayload,
     LLMResponsePayload,
@@ -367,7 +368,7 @@ async def test_an_open_breaker_half_opens_on_its_own_and_a_good_trial_closes_it(
     names = [
         e.payload.data.get("to")
         for e in await mesh.events()
-        if e.sender == "gateway" and getattr(e.payload, "name", "").startswith("breaker_")
+        if isinstance(e.payload, EventPayload) and e.payload.name.startswith("breaker_")
     ]
     assert names == ["open", "half-open", "closed"]
 

@@ -382,10 +382,10 @@ async def test_the_gateway_answers_llm_calls_and_the_recorder_records_and_answer
     breakers = await g_js.key_value(subjects.BUCKET_BREAKERS)
     await breakers.put("fakellm", b'{"state": "open"}')
     seen = None
-    while seen is None:
-        seen = await watcher.updates(timeout=5)  # None first: the replay of nothing ended
+    while seen is None:  # a None first: the replay of the (empty) bucket ended
+        seen = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
     assert seen.key == "fakellm" and seen.value == b'{"state": "open"}'
-    await watcher.stop()
+    await watcher.stop()  # type: ignore[no-untyped-call]
 
     # the recorder's durable pull consumer: declare, pull, ack
     await alice.nc.jetstream().publish(subjects.task("research"), b"to record")
