@@ -9,12 +9,12 @@ write is retried with capped backoff until it succeeds or a newer record replace
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from nats.js.kv import KeyValue
 
 from beamline.circuit import BreakerRecord
+from beamline.service import finish_then_cancel
 
 log = logging.getLogger("services.gateway.board")
 
@@ -43,14 +43,7 @@ class BreakerBoard:
 
     async def close(self, timeout: float) -> None:
         """Write what is pending (up to `timeout` seconds), then stop."""
-        if self._task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._flushed.wait()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await finish_then_cancel(self._task, self._flushed.wait, timeout)
 
     async def _run(self) -> None:
         delay = RETRY_S

@@ -109,6 +109,20 @@ async def recorded_events(mesh: MeshHandle, names: set[str]) -> list[dict[str, A
     return out
 
 
+async def two_providers(
+    start_mesh: MeshFactory, tmp_path: Path, backup: Fake, config: str, script: str
+) -> tuple[MeshHandle, Fake]:
+    """A mesh whose own fakellm is `primary` (with `script`) and `backup` the other one."""
+    (tmp_path / "two.yaml").write_text(config)
+    (tmp_path / "primary.yaml").write_text(script)
+    mesh = await start_mesh(
+        config=tmp_path / "two.yaml",
+        script=tmp_path / "primary.yaml",
+        env={"BACKUP_URL": backup.url, **FAST_RETRIES},
+    )
+    return mesh, Fake(mesh.fakellm_url)
+
+
 async def ask(mesh: MeshHandle, agent: str, prompt: str) -> str:
     conversation = await client.submit(mesh.nc, subjects.inbox(agent), prompt)
     reply = await client.await_reply(mesh.nc, conversation, timeout=60)
@@ -119,14 +133,7 @@ async def ask(mesh: MeshHandle, agent: str, prompt: str) -> str:
 async def test_an_open_breaker_moves_traffic_to_the_second_provider_and_back_when_it_closes(
     start_mesh: MeshFactory, tmp_path: Path, backup: Fake
 ) -> None:
-    (tmp_path / "two.yaml").write_text(TWO_PROVIDERS)
-    (tmp_path / "primary.yaml").write_text(DOWN % 500)
-    mesh = await start_mesh(
-        config=tmp_path / "two.yaml",
-        script=tmp_path / "primary.yaml",
-        env={"BACKUP_URL": backup.url, **FAST_RETRIES},
-    )
-    primary = Fake(mesh.fakellm_url)
+    mesh, primary = await two_providers(start_mesh, tmp_path, backup, TWO_PROVIDERS, DOWN % 500)
 
     # two 500s (the agent's retry is the second) open primary's breaker; the call moves on
     assert await ask(mesh, "switcher", "first") == "backup: first"
@@ -250,18 +257,11 @@ async def test_a_rate_limited_provider_throttles_the_agent_without_failover_or_c
         "max_attempts: 1,\n            breaker_fail_max: 2",
         "max_attempts: 3,\n            breaker_fail_max: 1",
     )
-    (tmp_path / "two.yaml").write_text(config)
     throttle = (
         "rules:\n  - {name: slow-down, match: {}, fault: {status: 429, retry_after_s: 0.5}, "
         "times: 2}\ndefault: {text: 'primary: {last_user}'}\n"
     )
-    (tmp_path / "primary.yaml").write_text(throttle)
-    mesh = await start_mesh(
-        config=tmp_path / "two.yaml",
-        script=tmp_path / "primary.yaml",
-        env={"BACKUP_URL": backup.url, **FAST_RETRIES},
-    )
-    primary = Fake(mesh.fakellm_url)
+    mesh, primary = await two_providers(start_mesh, tmp_path, backup, config, throttle)
     assert await ask(mesh, "switcher", "patience") == "primary: patience"
     calls = await primary.calls()
     assert [c["status"] for c in calls] == [429, 429, 200]
