@@ -89,7 +89,9 @@ def decisions(
     now_route: Route,
     seen: Mapping[str, Seen],
 ) -> list[Decision]:
-    """What a new route changes: paused, failed over, failed back, or nothing.
+    """What a new route changes: paused, failed over, failed back, or nothing. The agent
+    reports a failover or failback once a call on the route succeeds (a call refused while
+    another agent's trial runs changes nothing), and a pause at once.
 
     `previous` is the provider of its last call (None: none yet, the preferred one was
     meant), `paused_on` the provider it is paused on (None: not paused). A paused agent's

@@ -187,9 +187,15 @@ class Agent:
         outcome = StopOutcome.SHUTDOWN
         if worker is not None and not worker.done():
             try:
-                if timeout is None:
+                if self.state is State.PAUSED:
+                    # nothing in hand to finish: it only waits for a breaker, and its message
+                    # stays unacknowledged for the next incarnation
+                    worker.cancel()
+                    await asyncio.gather(worker, return_exceptions=True)
+                elif timeout is None:
                     raise TimeoutError
-                await asyncio.wait_for(asyncio.shield(worker), timeout)
+                else:
+                    await asyncio.wait_for(asyncio.shield(worker), timeout)
             except TimeoutError:
                 worker.cancel()
                 await asyncio.gather(worker, return_exceptions=True)
@@ -205,6 +211,8 @@ class Agent:
         for delivery in pending:
             self.queue.remove(delivery)
         if self._worker and not self._worker.done():
+            if self.state is State.PAUSED:  # nothing in hand to finish (see halt)
+                timeout = 0
             try:
                 await asyncio.wait_for(asyncio.shield(self._worker), timeout)
             except TimeoutError:
@@ -319,9 +327,14 @@ class Agent:
         self.step = action.index + 1
         messages = conv.chat_messages(self.spec, journal)
         while True:
-            route = self._route(task)
+            route = self.ctx.circuits.route(self.spec.models)
+            # what this route changes (failed over or back) is reported once a call on it
+            # succeeds: a call refused while another agent's trial runs changes nothing
+            moved = failover.decisions(
+                self.name, self.spec.models, self.provider, self.paused_on, route, self.seen
+            )
             if isinstance(route, failover.Pause):
-                await self._paused(task, route)
+                await self._paused(task, route, moved)
                 continue
             request = self._request(task, action, route.choice, messages)
             if self.paused_on is None:
@@ -339,7 +352,7 @@ class Agent:
                 )
                 continue
             self.ctx.circuits.succeeded(route.provider)
-            self._resumed(task, route.provider)
+            self._routed(task, route.provider, moved)
             break
         self.state = State.RUNNING
         if response.usage:
@@ -381,20 +394,18 @@ class Agent:
             step=self.step,
         )
 
-    def _route(self, task: Envelope) -> failover.Route:
-        """Where the next call goes; the decision is reported when it changes anything.
-        A paused agent's call is a probe: it resumes only when the call succeeds."""
-        circuits = self.ctx.circuits
-        route = circuits.route(self.spec.models)
-        for decision in failover.decisions(
-            self.name, self.spec.models, self.provider, self.paused_on, route, circuits.seen
-        ):
-            self._report(task, decision)
-        if isinstance(route, failover.Use) and self.paused_on is None:
-            self.provider = route.provider
-        return route
+    @property
+    def seen(self) -> dict[str, failover.Seen]:
+        return self.ctx.circuits.seen
 
-    async def _paused(self, task: Envelope, route: failover.Pause) -> None:
+    async def _paused(
+        self, task: Envelope, route: failover.Pause, decisions: list[failover.Decision]
+    ) -> None:
+        """Wait, holding the message, for news of a breaker or the re-check time. The
+        caller then routes again: a paused agent's call is a probe that resumes it only
+        when it succeeds."""
+        for decision in decisions:  # agent_paused, the first time round
+            self._report(task, decision)
         if self.paused_on is None:
             self.paused_on, self.paused_at = route.provider, time.monotonic()
             self.last_error = f"{Reason.CIRCUIT_OPEN.value}: {route.reason}"
@@ -405,14 +416,15 @@ class Agent:
             )
         await self.ctx.circuits.wait_change(max(route.recheck_in_s, MIN_RECHECK_S))
 
-    def _resumed(self, task: Envelope, provider: str) -> None:
-        if self.paused_on is None:
-            return
-        paused_s = time.monotonic() - (self.paused_at or time.monotonic())
-        decision = failover.resumed(self.name, provider, self.paused_on, paused_s)
-        self._report(task, decision)
-        self.provider, self.paused_on, self.paused_at = provider, None, None
-        self.state = State.WAITING_ON_LLM
+    def _routed(self, task: Envelope, provider: str, moved: list[failover.Decision]) -> None:
+        """A call on `provider` succeeded: report what that changed."""
+        if self.paused_on is not None:
+            paused_s = time.monotonic() - (self.paused_at or time.monotonic())
+            moved = [failover.resumed(self.name, provider, self.paused_on, paused_s)]
+            self.paused_on, self.paused_at = None, None
+        for decision in moved:
+            self._report(task, decision)
+        self.provider = provider
 
     def _report(self, task: Envelope, decision: failover.Decision) -> None:
         log.info(decision.name, extra=logctx.ctx(task, **decision.data))

@@ -30,7 +30,7 @@ from beamline.envelope import Envelope, LLMRequestPayload
 from beamline.errors import CallerError, ConfigError, Reason
 from beamline.events import EventSink
 from beamline.log import ctx
-from beamline.service import answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.gateway import replies
 from services.gateway.board import BreakerBoard
@@ -127,6 +127,7 @@ class Gateway:
             self._board.put(upstream.breaker.record)
         self._board.start()
         self._clock = asyncio.create_task(self._breaker_clock(), name="gateway-breaker-clock")
+        self._clock.add_done_callback(crash_on_error)
         self._subs.append(
             await self._nc.subscribe(
                 subjects.LLM_ALL, queue=subjects.QUEUE_GATEWAY, cb=self._on_message

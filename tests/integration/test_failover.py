@@ -168,13 +168,13 @@ async def test_an_open_breaker_moves_traffic_to_the_second_provider_and_back_whe
         "breaker_opened",
         "agent_failed_over",
         "breaker_half_opened",
-        "agent_failed_back",  # its call is the trial: sent before the breaker closes
-        "breaker_closed",
+        "breaker_closed",  # its call was the trial
+        "agent_failed_back",  # reported once that call succeeded
     ]
     over = events[1]
     assert over["agent"] == "switcher" and over["provider"] == "backup"
     assert over["from"] == "primary" and "HTTP 500" in over["reason"]
-    back = events[3]
+    back = events[4]
     assert back["provider"] == "primary" and back["from"] == "backup"
     assert "half_open" in back["reason"]
 
