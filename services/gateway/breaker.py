@@ -117,6 +117,12 @@ class ProviderBreaker:
     def fail_count(self) -> int:
         return int(self._cb.fail_counter)
 
+    def _trial_in(self) -> float:
+        """Seconds until this open breaker half-opens."""
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.opened_at + self.reset_s - self._clock())
+
     def half_open_if_due(self) -> bool:
         """Half-open the breaker if it has been open for its reset timeout (see the module
         docstring: with agents failing over, no call would do it)."""
@@ -152,7 +158,10 @@ class ProviderBreaker:
         """
         trial = self._cb.current_state != pybreaker.STATE_CLOSED
         if trial and self._trial_running:
-            raise BreakerOpen(f"circuit for provider {self.provider!r} is half-open, trial running")
+            raise BreakerOpen(
+                f"circuit for provider {self.provider!r} is half-open, trial running: "
+                "its outcome closes or re-opens it; use another provider meanwhile"
+            )
         entered = False
         try:
             if trial:
@@ -166,6 +175,7 @@ class ProviderBreaker:
             raise BreakerOpen(
                 f"circuit for provider {self.provider!r} is open"
                 + (f" after: {self.last_error}" if self.last_error else "")
+                + f"; one trial call is let through in {self._trial_in():.1f}s"
             ) from None
         finally:
             if trial:
