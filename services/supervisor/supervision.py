@@ -172,7 +172,12 @@ class Supervision:
                 self.inbox.put_nowait(
                     ExitSeen(b.agent, b.generation, b.last_error or "crash", beat.host)
                 )
-            elif b.progress_age_s > self.settings.hung_after_s:
+            elif (
+                b.progress_age_s > self.settings.hung_after_s
+                # a paused agent waits for a provider's breaker on purpose: killing it as
+                # hung would only pause its successor again
+                and b.state is not AgentState.PAUSED
+            ):
                 self.inbox.put_nowait(Hung(b.agent, b.generation, beat.host, b.progress_age_s))
 
     def check_hosts(self) -> None:

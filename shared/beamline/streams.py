@@ -122,6 +122,9 @@ def bucket_configs() -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.BUCKET_ATTEMPTS, ttl=timedelta(days=1).total_seconds()),
         # the supervisor's lease and recorded tree state: small, latest value per key only
         KeyValueConfig(bucket=subjects.BUCKET_SUPERVISOR, history=1),
+        # each provider's breaker state, latest only: a host that starts or reconnects reads
+        # the current state instead of having to have seen every transition event
+        KeyValueConfig(bucket=subjects.BUCKET_BREAKERS, history=1),
     ]
 
 

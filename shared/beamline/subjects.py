@@ -191,3 +191,4 @@ def last_token(subject: str, index: int) -> str:
 BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response (idempotency)
 BUCKET_ATTEMPTS: Final = "BL_ATTEMPTS"  # agent hosts: deliveries of a mailbox message by dead hosts
 BUCKET_SUPERVISOR: Final = "BL_SUPERVISOR"  # supervisor: leader lease and the tree's state
+BUCKET_BREAKERS: Final = "BL_BREAKERS"  # gateway: provider -> its breaker's state (hosts watch)
