@@ -119,7 +119,12 @@ async def bench_density(work: Path) -> dict[str, Any]:
 
 async def bench_rehome(work: Path) -> dict[str, Any]:
     config, script = pool.write_inputs(work)
-    env = {"BEAMLINE_SUPERVISOR_SETTLE_S": "0.2", "BEAMLINE_AGENT_HOST_ID": "host-a"}
+    env = {
+        "BEAMLINE_SUPERVISOR_SETTLE_S": "0.2",
+        "BEAMLINE_AGENT_HOST_ID": "host-a",
+        # host-b joins as a spare: rebalancing would hand it half of host-a's agents first
+        "BEAMLINE_SUPERVISOR_REBALANCE_ON_JOIN": "false",
+    }
     async with local_mesh(work, config, script, **env) as (m, nc):
         return await rehome.host_loss(m, nc)
 

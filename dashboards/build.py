@@ -425,12 +425,25 @@ def supervision() -> dict[str, Any]:
             ),
             table(
                 "Re-homed agents",
-                f"""SELECT ts AS time, {data("agent")} AS agent,
-                       {data("from_host")} AS from_host, {data("to_host")} AS to_host
-                FROM bl_messages FINAL WHERE {decisions("agent_rehomed")}
+                f"""SELECT ts AS time,
+                       if(subject = '{SUPERVISOR}agent_rehomed', {data("agent")},
+                          arrayStringConcat(
+                              JSONExtract(payload, 'data', 'children', 'Array(String)'), ', '))
+                         AS agents,
+                       if(subject = '{SUPERVISOR}agent_rehomed', 1,
+                          JSONExtractUInt(payload, 'data', 'n')) AS n,
+                       {data("from_host")} AS from_host,
+                       if(subject = '{SUPERVISOR}agent_rehomed', {data("to_host")},
+                          {data("host")}) AS to_host
+                FROM bl_messages FINAL
+                WHERE $__timeFilter(ts) AND kind = 'event'
+                  AND subject IN ('{SUPERVISOR}agent_rehomed', '{SUPERVISOR}children_rehomed')
+                  AND {data("supervisor")} = '${{supervisor}}'
                 ORDER BY time DESC LIMIT 200""",
-                ["time", "agent", "from_host", "to_host"],
-                desc="Agents this supervisor moved to another host (agent_rehomed).",
+                ["time", "agents", "n", "from_host", "to_host"],
+                desc="Agents this supervisor moved to another host: one row per agent "
+                "(agent_rehomed), or per batch when a host held many (children_rehomed: n "
+                "agents, the first 50 named).",
             ),
             table(
                 "Decisions",

@@ -22,6 +22,13 @@ _TRANSIENT = {
 _REPLY_MAX_BYTES = 4 * 1024 * 1024
 
 
+class CircuitOpen(TransientError):
+    """The provider's breaker is open: the gateway refused the call (or the call's failure
+    tripped it). Not a retry to burn: the agent fails over or pauses."""
+
+    reason = Reason.CIRCUIT_OPEN
+
+
 async def call(nc: NATS, request: Envelope, timeout: float) -> Envelope:
     """Send one LLM request; return the `llm_response` envelope or raise a classified error."""
     provider = getattr(request.payload, "provider", "")
@@ -46,6 +53,8 @@ async def call(nc: NATS, request: Envelope, timeout: float) -> Envelope:
         return reply
     if isinstance(reply.payload, ErrorPayload):
         reason = _reason(reply.payload.reason)
+        if reason is Reason.CIRCUIT_OPEN:
+            raise CircuitOpen(reply.payload.message)
         if reason in _TRANSIENT:
             raise TransientError(reply.payload.message, reason)
         raise CallerError(reply.payload.message, reason or Reason.PROVIDER_ERROR)

@@ -18,6 +18,7 @@ message that kills every host it reaches is dead-lettered as poison, not replaye
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 
@@ -81,6 +82,7 @@ class MailboxConsumer:
         self.elsewhere = elsewhere  # pinned agents: their own consumer serves them
         self.name = mailbox.name
         self.in_flight: dict[int, Msg] = {}  # by stream sequence
+        self._touched: dict[int, float] = {}  # stream sequence -> monotonic, received or kept
         self.received = 0
         self.dead_lettered = 0
         self._sub: Subscription | None = None
@@ -161,6 +163,7 @@ class MailboxConsumer:
         if deliveries > self.settings.max_deliveries:
             delivery.poison = f"delivered {deliveries} times without being finished"
         self.in_flight[msg.metadata.sequence.stream] = msg
+        self._touched[msg.metadata.sequence.stream] = time.monotonic()
         # the incarnation may have changed during the awaits above (a start, after a
         # re-home): hand it to the current one, or the queue would wait for a kick
         (self.agents(agent_name) or agent).deliver(delivery)
@@ -182,6 +185,25 @@ class MailboxConsumer:
 
     def done(self, msg: Msg) -> None:
         self.in_flight.pop(msg.metadata.sequence.stream, None)
+        self._touched.pop(msg.metadata.sequence.stream, None)
+
+    async def keep(self, older_than_s: float) -> int:
+        """Tell the server that messages held longer than `older_than_s` are still being
+        worked on (AckProgress), so none is redelivered while it waits its turn in a long
+        queue or behind a paused agent: a redelivery would count towards `max_deliveries`
+        and end as a poison dead letter. Returns how many were kept."""
+        now, kept = time.monotonic(), 0
+        for seq, msg in list(self.in_flight.items()):
+            if now - self._touched.get(seq, now) < older_than_s:
+                continue
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # NATS reconnecting: the next round tries again
+                log.warning("in-progress not sent", extra={"seq": seq, "error": repr(exc)})
+                return kept
+            self._touched[seq] = now
+            kept += 1
+        return kept
 
 
 class MailboxAck:

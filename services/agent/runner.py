@@ -21,11 +21,12 @@ from nats.js.client import JetStreamContext
 
 from beamline import bus, subjects
 from beamline import log as logctx
-from beamline.config import AgentSpec
+from beamline.config import AgentSpec, ModelChoice
 from beamline.control import AgentBeat, StopOutcome
 from beamline.control import AgentState as State
 from beamline.deadletter import dead_letter
 from beamline.envelope import (
+    ChatMessage,
     Envelope,
     ErrorPayload,
     LLMRequestPayload,
@@ -35,14 +36,18 @@ from beamline.envelope import (
     ToolResultPayload,
 )
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
+from beamline.events import EventSink
 from beamline.ids import derived_id
 from beamline.tools import Crash, get_tool
 from services.agent import conversation as conv
-from services.agent import llm
+from services.agent import failover, llm
+from services.agent.circuits import CircuitView
 from services.agent.journal import Journal
 from services.agent.settings import AgentHostSettings
 
 log = logging.getLogger("beamline.agent")
+
+MIN_RECHECK_S = 0.05  # a paused agent never re-checks in a tighter loop than this
 
 
 class Ackable(Protocol):
@@ -67,6 +72,8 @@ class HostContext:
     js: JetStreamContext
     journal: Journal
     settings: AgentHostSettings
+    circuits: CircuitView
+    events: EventSink | None = None  # routing decisions (paused, resumed, failed over)
 
 
 ExitReport = Callable[["Agent", str], None]
@@ -92,6 +99,9 @@ class Agent:
     step: int = 0
     last_error: str | None = None
     crashed_at: float | None = None  # monotonic, when this incarnation died
+    provider: str | None = None  # where its last LLM call went (None: none yet)
+    paused_on: str | None = None  # the provider whose open breaker holds it, while paused
+    paused_at: float | None = None  # monotonic, when it paused
     _state: State = State.IDLE
     _changed_at: float = field(default_factory=time.monotonic)
     _worker: asyncio.Task[None] | None = None
@@ -134,6 +144,7 @@ class Agent:
             failed=self.failed,
             tokens=self.tokens,
             last_error=self.last_error,
+            provider=self.provider,
             _state=State.STARTING,
         )
 
@@ -149,10 +160,24 @@ class Agent:
             failed=self.failed,
             progress_age_s=round(time.monotonic() - self._changed_at, 3),
             last_error=self.last_error,
+            provider=self._provider_now(),
+            paused_on=self.paused_on,
         )
 
+    def _provider_now(self) -> str | None:
+        """Where its next call goes: where its calls went, or for an agent that has made
+        none, its current route; None while every choice is open."""
+        if self.paused_on is not None:
+            return None
+        if self.provider is not None:
+            return self.provider
+        route = self.ctx.circuits.route(self.spec.models)
+        return route.provider if isinstance(route, failover.Use) else None
+
     def status(self) -> dict[str, Any]:
-        return {"role": self.spec.role, **self.beat().model_dump()}
+        providers = [c.provider for c in self.spec.models]
+        breakers = self.ctx.circuits.states(providers)
+        return {"role": self.spec.role, **self.beat().model_dump(), "breakers": breakers}
 
     async def halt(self, timeout: float | None) -> StopOutcome:
         """Stop working (the supervisor's stop): finish the message in hand within `timeout`
@@ -162,9 +187,15 @@ class Agent:
         outcome = StopOutcome.SHUTDOWN
         if worker is not None and not worker.done():
             try:
-                if timeout is None:
+                if self.state is State.PAUSED:
+                    # nothing in hand to finish: it only waits for a breaker, and its message
+                    # stays unacknowledged for the next incarnation
+                    worker.cancel()
+                    await asyncio.gather(worker, return_exceptions=True)
+                elif timeout is None:
                     raise TimeoutError
-                await asyncio.wait_for(asyncio.shield(worker), timeout)
+                else:
+                    await asyncio.wait_for(asyncio.shield(worker), timeout)
             except TimeoutError:
                 worker.cancel()
                 await asyncio.gather(worker, return_exceptions=True)
@@ -180,6 +211,8 @@ class Agent:
         for delivery in pending:
             self.queue.remove(delivery)
         if self._worker and not self._worker.done():
+            if self.state is State.PAUSED:  # nothing in hand to finish (see halt)
+                timeout = 0
             try:
                 await asyncio.wait_for(asyncio.shield(self._worker), timeout)
             except TimeoutError:
@@ -291,24 +324,36 @@ class Agent:
     async def _call_llm(
         self, task: Envelope, journal: list[Envelope], action: conv.CallLLM
     ) -> None:
-        choice = self.spec.models[0]  # failover across choices arrives with the breakers issue
         self.step = action.index + 1
-        request = task.child(
-            LLMRequestPayload(
-                provider=choice.provider,
-                model=choice.model,
-                messages=conv.chat_messages(self.spec, journal),
-                tools=tuple(get_tool(t).spec for t in self.spec.tools),
-                max_tokens=self.spec.max_tokens,
-                json_output=self.spec.output == "json",
-            ),
-            id=action.request_id,
-            sender=self.name,
-            recipient=f"gateway.{choice.provider}",
-            step=self.step,
-        )
-        self.state = State.WAITING_ON_LLM
-        response = await llm.call(self.ctx.nc, request, self.ctx.settings.llm_timeout_s)
+        messages = conv.chat_messages(self.spec, journal)
+        while True:
+            route = self.ctx.circuits.route(self.spec.models)
+            # what this route changes (failed over or back) is reported once a call on it
+            # succeeds: a call refused while another agent's trial runs changes nothing
+            moved = failover.decisions(
+                self.name, self.spec.models, self.provider, self.paused_on, route, self.seen
+            )
+            if isinstance(route, failover.Pause):
+                await self._paused(task, route, moved)
+                continue
+            request = self._request(task, action, route.choice, messages)
+            if self.paused_on is None:
+                self.state = State.WAITING_ON_LLM
+            sent_at = self.ctx.circuits.now()
+            try:
+                response = await llm.call(self.ctx.nc, request, self.ctx.settings.llm_timeout_s)
+            except llm.CircuitOpen as exc:
+                # no retry burnt: the next route skips this provider (or pauses)
+                self.ctx.circuits.refused(route.provider, str(exc), sent_at)
+                self.last_error = f"{exc.reason.value}: {exc}"
+                log.info(
+                    "provider breaker open; re-routing the call",
+                    extra=logctx.ctx(request, agent=self.name, provider=route.provider),
+                )
+                continue
+            self.ctx.circuits.succeeded(route.provider)
+            self._routed(task, route.provider, moved)
+            break
         self.state = State.RUNNING
         if response.usage:
             self.tokens += response.usage.total
@@ -324,6 +369,67 @@ class Agent:
             }
         )
         await self.ctx.journal.append(self.name, entry)
+
+    def _request(
+        self,
+        task: Envelope,
+        action: conv.CallLLM,
+        choice: ModelChoice,
+        messages: tuple[ChatMessage, ...],
+    ) -> Envelope:
+        """The same request id whichever provider serves it: the step is one LLM call, and
+        the gateway's result store answers a repeat of an answered one."""
+        return task.child(
+            LLMRequestPayload(
+                provider=choice.provider,
+                model=choice.model,
+                messages=messages,
+                tools=tuple(get_tool(t).spec for t in self.spec.tools),
+                max_tokens=self.spec.max_tokens,
+                json_output=self.spec.output == "json",
+            ),
+            id=action.request_id,
+            sender=self.name,
+            recipient=f"gateway.{choice.provider}",
+            step=self.step,
+        )
+
+    @property
+    def seen(self) -> dict[str, failover.Seen]:
+        return self.ctx.circuits.seen
+
+    async def _paused(
+        self, task: Envelope, route: failover.Pause, decisions: list[failover.Decision]
+    ) -> None:
+        """Wait, holding the message, for news of a breaker or the re-check time. The
+        caller then routes again: a paused agent's call is a probe that resumes it only
+        when it succeeds."""
+        for decision in decisions:  # agent_paused, the first time round
+            self._report(task, decision)
+        if self.paused_on is None:
+            self.paused_on, self.paused_at = route.provider, time.monotonic()
+            self.last_error = f"{Reason.CIRCUIT_OPEN.value}: {route.reason}"
+            self.state = State.PAUSED
+            log.warning(
+                "paused: every provider's breaker is open; the message waits, unacknowledged",
+                extra=logctx.ctx(task, agent=self.name, provider=route.provider),
+            )
+        await self.ctx.circuits.wait_change(max(route.recheck_in_s, MIN_RECHECK_S))
+
+    def _routed(self, task: Envelope, provider: str, moved: list[failover.Decision]) -> None:
+        """A call on `provider` succeeded: report what that changed."""
+        if self.paused_on is not None:
+            paused_s = time.monotonic() - (self.paused_at or time.monotonic())
+            moved = [failover.resumed(self.name, provider, self.paused_on, paused_s)]
+            self.paused_on, self.paused_at = None, None
+        for decision in moved:
+            self._report(task, decision)
+        self.provider = provider
+
+    def _report(self, task: Envelope, decision: failover.Decision) -> None:
+        log.info(decision.name, extra=logctx.ctx(task, **decision.data))
+        if self.ctx.events is not None:
+            self.ctx.events.emit(decision.name, decision.data, task)
 
     async def _run_tool(self, call: ToolCall, after: Envelope) -> None:
         self.state = State.WAITING_ON_TOOL

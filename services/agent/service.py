@@ -7,9 +7,11 @@ import logging
 from typing import Any
 
 from beamline import bus, config, nats_auth, streams
+from beamline.events import EventSink
 from beamline.nats_auth import Role
-from beamline.service import answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
+from services.agent.circuits import CircuitView
 from services.agent.control import Control
 from services.agent.dispatch import Dispatcher
 from services.agent.host import Host
@@ -29,7 +31,13 @@ async def main(stop: asyncio.Event) -> None:
     nc = await bus.connect(mesh.nats_url, f"agent-host:{settings.host_id}")
     js = nc.jetstream()
     await streams.require_layout(js, nats_auth.USES[Role.AGENT], mesh.layout_wait_s)
-    ctx = HostContext(nc=nc, js=js, journal=Journal(js), settings=settings)
+    events = EventSink(js, "agent")
+    events.start()
+    circuits = CircuitView(settings.breaker_recheck_s)
+    circuits.start(js)
+    ctx = HostContext(
+        nc=nc, js=js, journal=Journal(js), settings=settings, circuits=circuits, events=events
+    )
     host = Host(ctx, deployment, settings, mesh.max_message_bytes, mesh.mailbox_shards)
     dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes)
     await dispatcher.open()
@@ -49,9 +57,12 @@ async def main(stop: asyncio.Event) -> None:
             "dead_lettered": dispatcher.dead_lettered + sum(m.dead_lettered for m in mailboxes),
             "in_flight": sum(len(m.in_flight) for m in mailboxes),
             "restart_ms": list(host.restart_ms)[-1000:],
+            "breakers": {p: s.state.value for p, s in circuits.seen.items()},
         }
 
     health = await answer_health(nc, "agent", status)
+    keeper = asyncio.create_task(host.keep_waiting_messages(), name="mailbox-keeper")
+    keeper.add_done_callback(crash_on_error)
     await control.start()
     await dispatcher.start()
     log.info(
@@ -70,6 +81,9 @@ async def main(stop: asyncio.Event) -> None:
     for mailbox in host.mailboxes():
         await mailbox.stop_taking()
     await asyncio.gather(*(a.stop(timeout=10) for a in host.agents.values()))
+    keeper.cancel()
+    await circuits.close()
+    await events.close(timeout=5.0)
     await control.close()
     await health.unsubscribe()
     await nc.drain()

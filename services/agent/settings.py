@@ -26,6 +26,12 @@ class AgentHostSettings(BaseSettings):
     heartbeat_s: float = Field(default=0.25, gt=0, description="Heartbeat interval.")
     llm_timeout_s: float = Field(default=300.0, gt=0, description="Wait for the gateway.")
     transient_retries: int = Field(default=5, ge=0, description="Before a task fails.")
+    breaker_recheck_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A provider whose breaker this host last saw open is tried again after "
+        "this long even without news (the gateway refuses at once if it is still open).",
+    )
     retry_base_s: float = Field(default=0.5, gt=0)
     retry_cap_s: float = Field(default=10.0, gt=0)
     bug_retries: int = Field(default=2, ge=0, description="Unexpected errors before poison.")

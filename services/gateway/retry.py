@@ -87,3 +87,12 @@ def backoff_delay(
         return min(max(retry_after, 0.0), retry_after_cap)
     ceiling = min(cap, base * 2 ** min(attempt - 1, 62))
     return rng.uniform(0.0, ceiling)
+
+
+def throttle_until(current: float, now: float, retry_after: float | None, cap: float) -> float:
+    """When the provider may next be called, after a 429 that said `retry_after` seconds at
+    `now`: the later of that (capped) and any pause already in force. A 429 without
+    Retry-After sets no provider-wide pause (the request's own backoff applies)."""
+    if retry_after is None:
+        return current
+    return max(current, now + min(max(retry_after, 0.0), cap))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -29,9 +30,10 @@ from beamline.envelope import Envelope, LLMRequestPayload
 from beamline.errors import CallerError, ConfigError, Reason
 from beamline.events import EventSink
 from beamline.log import ctx
-from beamline.service import answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.gateway import replies
+from services.gateway.board import BreakerBoard
 from services.gateway.breaker import ProviderBreaker
 from services.gateway.idempotency import ResultStore, Singleflight
 from services.gateway.providers import wire_for
@@ -44,6 +46,9 @@ from services.gateway.upstream import MIN_ATTEMPT_S, Backoff, CallResult, Upstre
 log = logging.getLogger("services.gateway")
 SERVICE = "gateway"
 DRAIN_TIMEOUT_S = 2.0
+# How often open breakers are checked for their reset timeout: a breaker half-opens at most
+# this late (a quarter of the shortest reset timeout, within these bounds).
+CLOCK_MIN_S, CLOCK_MAX_S = 0.05, 1.0
 
 
 class Gateway:
@@ -54,6 +59,7 @@ class Gateway:
         deployment: Deployment,
         nc: NATS,
         kv: KeyValue,
+        breakers_kv: KeyValue,
     ) -> None:
         if not deployment.providers:
             raise ConfigError(f"{mesh.config}: providers: none declared; the gateway has no work")
@@ -67,6 +73,9 @@ class Gateway:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
+        self._clock: asyncio.Task[None] | None = None
+        self.id = f"{socket.gethostname()}-{os.getpid()}"
+        self._board = BreakerBoard(breakers_kv, self.id)
         self.redactor = Redactor()
         self.upstreams = {
             name: self._upstream(name, deployment) for name in sorted(deployment.providers)
@@ -114,6 +123,13 @@ class Gateway:
 
     async def start(self) -> None:
         self._events.start()
+        # this gateway's breakers start closed: say so, replacing what a previous gateway
+        # instance (perhaps one that died with a breaker open) left in the bucket
+        for upstream in self.upstreams.values():
+            self._board.put(upstream.breaker.record)
+        self._board.start()
+        self._clock = asyncio.create_task(self._breaker_clock(), name="gateway-breaker-clock")
+        self._clock.add_done_callback(crash_on_error)
         self._subs.append(
             await self._nc.subscribe(
                 subjects.LLM_ALL, queue=subjects.QUEUE_GATEWAY, cb=self._on_message
@@ -140,7 +156,10 @@ class Gateway:
                 task.cancel()
             if pending:
                 log.warning("in-flight requests abandoned", extra={"count": len(pending)})
+        if self._clock is not None:
+            self._clock.cancel()
         await self._events.close(timeout=5.0)
+        await self._board.close(timeout=2.0)
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
@@ -151,6 +170,7 @@ class Gateway:
             "shared_duplicates": self._flight.shared,
             "events_published": self._events.published,
             "events_dropped": self._events.dropped,
+            "breaker_states_written": self._board.written,
             "last_error": self.last_error,
             "budget_refused": self._budget.refused,
             **self.counts,
@@ -162,6 +182,8 @@ class Gateway:
                     "calls_ok": up.counters.ok,
                     "calls_failed": up.counters.failed,
                     "refused": up.counters.refused,
+                    "throttled": up.counters.throttled,
+                    "throttled_for_s": round(max(0.0, up.throttled_until - time.monotonic()), 3),
                     "http_attempts": up.counters.http_attempts,
                     "api_key": "missing" if up.missing_key else "ok",
                     "last_error": up.counters.last_error,
@@ -263,6 +285,10 @@ class Gateway:
                 "llm call failed",
                 extra=ctx(request, reason=reason.value, error=error, attempts=result.attempts),
             )
+            if result.circuit_open:
+                # the cause stays in the message (and the event); the reason tells the agent
+                # to fail over or pause rather than retry a provider that is now refused
+                reason = Reason.CIRCUIT_OPEN
             return Reply.of(replies.error(request, reason, error))
         reply = Reply.of(
             replies.response(
@@ -322,6 +348,19 @@ class Gateway:
     def _breaker_event(self, name: str, data: dict[str, Any]) -> None:
         log.warning("circuit breaker changed", extra={"event": name, **data})
         self._events.emit(name, data)
+        upstream = self.upstreams.get(data["provider"])  # transitions come only from calls
+        if upstream is not None:
+            self._board.put(upstream.breaker.record)
+
+    async def _breaker_clock(self) -> None:
+        """Half-open each open breaker once its reset timeout has passed (breaker.py says
+        why the gateway does this itself)."""
+        shortest = min(up.breaker.reset_s for up in self.upstreams.values())
+        tick = min(CLOCK_MAX_S, max(CLOCK_MIN_S, shortest / 4))
+        while True:
+            await asyncio.sleep(tick)
+            for upstream in self.upstreams.values():
+                upstream.breaker.half_open_if_due()
 
     def _call_event(
         self, request: Envelope, payload: LLMRequestPayload, result: CallResult
@@ -345,5 +384,10 @@ class Gateway:
             )
             self._events.emit("llm_call_completed", data, request)
         else:
-            data.update(status="error", reason=str(result.reason), error=result.error)
+            data.update(
+                status="error",
+                reason=str(result.reason),
+                error=result.error,
+                circuit_open=result.circuit_open,
+            )
             self._events.emit("llm_call_failed", data, request)

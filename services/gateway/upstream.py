@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import httpx
 
+from beamline.circuit import Circuit
 from beamline.config import Provider
 from beamline.envelope import LLMRequestPayload
 from beamline.errors import Reason
@@ -44,6 +45,9 @@ class CallResult:
     attempts: int  # HTTP requests actually sent
     latency_ms: float
     status: int | None = None  # the last HTTP status seen
+    # the breaker is open now (this call was refused, or its failure tripped it): callers
+    # should fail over or pause instead of retrying this provider
+    circuit_open: bool = False
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Counters:
     ok: int = 0
     failed: int = 0
     refused: int = 0
+    throttled: int = 0  # requests that waited out a 429's Retry-After before sending
     http_attempts: int = 0
     last_error: str | None = None
 
@@ -79,6 +84,9 @@ class Upstream:
         self._backoff = backoff
         self._redactor = redactor
         self._rng = rng or random.Random()
+        # time.monotonic() before which no request goes to this provider: a 429's
+        # Retry-After throttles the provider, not only the request that got it
+        self.throttled_until = 0.0
         # pool=None: the gateway's own concurrency bound caps connections; waiting for a
         # pooled connection is not the provider's fault and must not look like a timeout.
         self._pool = ClientPool(
@@ -109,6 +117,12 @@ class Upstream:
         for attempt in range(1, self.config.max_attempts + 1):
             if deadline - time.monotonic() < MIN_ATTEMPT_S:
                 break
+            if not await self._throttle(deadline):
+                last = last or ProviderFailure(
+                    retry.RATE_LIMITED,
+                    "rate limited: the provider's Retry-After outlasts the deadline",
+                )
+                break
             try:
                 with self.breaker.guard():
                     attempts += 1
@@ -125,6 +139,13 @@ class Upstream:
             if isinstance(outcome, Completion):
                 return self._succeeded(outcome, attempts, started)
             last = outcome
+            if outcome.verdict is retry.RATE_LIMITED:
+                self.throttled_until = retry.throttle_until(
+                    self.throttled_until,
+                    time.monotonic(),
+                    outcome.retry_after,
+                    self._backoff.retry_after_cap_s,
+                )
             if not outcome.verdict.retry or attempt == self.config.max_attempts:
                 break
             delay = retry.backoff_delay(
@@ -139,6 +160,18 @@ class Upstream:
                 break  # answering now beats answering after the requester gave up
             await asyncio.sleep(delay)
         return self._failed(last, attempts, started)
+
+    async def _throttle(self, deadline: float) -> bool:
+        """Wait out a throttle in force (a 429's Retry-After); False when it outlasts the
+        deadline: answering `rate_limited` now beats answering it after the requester left."""
+        wait = self.throttled_until - time.monotonic()
+        if wait <= 0:
+            return True
+        if time.monotonic() + wait + MIN_ATTEMPT_S > deadline:
+            return False
+        self.counters.throttled += 1
+        await asyncio.sleep(wait)
+        return True
 
     async def _attempt(
         self, http: HttpRequest, request: LLMRequestPayload, deadline: float
@@ -211,14 +244,20 @@ class Upstream:
         )
         self.counters.last_error = message
         return CallResult(
-            None, last.verdict.reason, message, attempts, _ms_since(started), last.status
+            None,
+            last.verdict.reason,
+            message,
+            attempts,
+            _ms_since(started),
+            last.status,
+            circuit_open=self.breaker.circuit is Circuit.OPEN,
         )
 
     def _refused(self, message: str, started: float) -> CallResult:
         self.counters.refused += 1
         text = self._redactor.scrub(message)
         self.counters.last_error = text
-        return CallResult(None, Reason.PROVIDER_UNAVAILABLE, text, 0, _ms_since(started))
+        return CallResult(None, Reason.CIRCUIT_OPEN, text, 0, _ms_since(started), circuit_open=True)
 
 
 def _ms_since(started: float) -> float:

@@ -31,3 +31,8 @@ class SupervisorSettings(BaseSettings):
         default=1.0, ge=0, description="On first start, wait this long for hosts to announce."
     )
     command_timeout_s: float = Field(default=5.0, gt=0, description="For a host's answer.")
+    rebalance_on_join: bool = Field(
+        default=True,
+        description="A host that joins takes its fair share of mailbox shards from the most "
+        "loaded hosts; their agents move (stopped within their shutdown, started there).",
+    )

@@ -45,7 +45,12 @@ from services.supervisor.commands import INFINITY_S, CommandRefused, HostCommand
 from services.supervisor.decision import GaveUp, Ignored, Removed, Restarted
 from services.supervisor.hosts import HostTable
 from services.supervisor.intensity import RestartIntensity
-from services.supervisor.placement import NoEligibleHost, assign_shards, place_pinned
+from services.supervisor.placement import (
+    NoEligibleHost,
+    assign_shards,
+    place_pinned,
+    rebalance_shards,
+)
 from services.supervisor.settings import SupervisorSettings
 from services.supervisor.state import (
     BUDGET_EXHAUSTED,
@@ -181,7 +186,12 @@ class Supervision:
                 self.inbox.put_nowait(
                     ExitSeen(b.agent, b.generation, b.last_error or "crash", beat.host)
                 )
-            elif b.progress_age_s > self.settings.hung_after_s:
+            elif (
+                b.progress_age_s > self.settings.hung_after_s
+                # a paused agent waits for a provider's breaker on purpose: killing it as
+                # hung would only pause its successor again
+                and b.state is not AgentState.PAUSED
+            ):
                 self.inbox.put_nowait(Hung(b.agent, b.generation, beat.host, b.progress_age_s))
 
     def check_hosts(self) -> None:
@@ -271,6 +281,8 @@ class Supervision:
             case HostLost(host=host, restarted=restarted):
                 await self._host_lost(host, restarted)
             case HostJoined(host=host):
+                if self.settings.rebalance_on_join:
+                    await self._rebalance_to(host)
                 await self._place(always={host})
                 await self._start_pending()
             case Exhausted(report=report):
@@ -517,6 +529,53 @@ class Supervision:
         )
         await self._place(always={host} if restarted else set())
         await self._start_agents([a for a in moved if self._is_running(a)], rehome_from=host)
+
+    async def _rebalance_to(self, host: str) -> None:
+        """A host joined: it takes its fair share of shards from the most loaded hosts. The
+        moved shards' running agents stop on their old host (within their shutdown, as any
+        stop), the old host lets go of the shards, and the agents start on the newcomer from
+        their journal and mailbox: nothing lost, and a move is not a restart. A donor that
+        does not confirm the stop keeps its shards: two hosts must never serve one."""
+        after = rebalance_shards(self.shards, self.hosts.live(), host)
+        moving = {k: self.shards[k] for k, h in after.items() if h != self.shards.get(k)}
+        if not moving:
+            return
+        by_donor: dict[str, list[str]] = {}
+        for agent in self.order():
+            shard = self._shard(agent)
+            if agent not in self.need and shard in moving and self._is_running(agent):
+                by_donor.setdefault(moving[shard], []).append(agent)
+        for donor in sorted(set(moving.values())):
+            try:
+                await self._stop_for_move(donor, by_donor.get(donor, []))
+            except (HostUnreachable, CommandRefused) as exc:
+                log.warning("shards not moved", extra={"host": donor, "error": str(exc)})
+                after.update({k: d for k, d in moving.items() if d == donor})
+                by_donor.pop(donor, None)
+        self.shards = after
+        given = {d: sorted(k for k, h in moving.items() if h == d and after[k] == host)
+                 for d in sorted(set(moving.values()))}  # fmt: skip
+        await asyncio.gather(*(self._assign(d) for d, shards in given.items() if shards))
+        self.events.emit_envelope(
+            self._event(
+                "shards_rebalanced",
+                host,
+                host=host,
+                given={d: shards for d, shards in given.items() if shards},
+                n_agents=sum(len(g) for g in by_donor.values()),
+            )
+        )
+        await self._assign(host)
+        for donor, group in by_donor.items():
+            await self._start_agents(group, rehome_from=donor)
+
+    async def _stop_for_move(self, host: str, agents: Sequence[str]) -> None:
+        """Stop agents that move to another host, grouped by shutdown timeout."""
+        by_timeout: dict[float | None, list[str]] = {}
+        for agent in agents:
+            by_timeout.setdefault(_timeout(self.child_specs[agent]), []).append(agent)
+        for timeout, group in by_timeout.items():
+            await self.commands.stop(host, group, timeout)
 
     async def _place(self, always: set[str] | frozenset[str] = frozenset()) -> None:
         """Bring shard and pinned placement onto the live hosts; tell each host whose share

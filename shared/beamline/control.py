@@ -26,7 +26,7 @@ class Wire(BaseModel):
 
 
 class AgentState(StrEnum):
-    """What `beamline ps` shows; the first five come from the host, the rest from the
+    """What `beamline ps` shows; the first six come from the host, the rest from the
     supervisor's view of a child that is not running."""
 
     STARTING = "starting"
@@ -34,6 +34,9 @@ class AgentState(StrEnum):
     WAITING_ON_LLM = "waiting-on-llm"
     WAITING_ON_TOOL = "waiting-on-tool"
     IDLE = "idle"
+    # every provider in its `models:` has its breaker open: it holds its message, unacked,
+    # and resumes when a breaker half-opens and a trial call succeeds (not hung, not dead)
+    PAUSED = "paused"
     RESTARTING = "restarting"
     STOPPED = "stopped"
     DEAD = "dead"
@@ -52,6 +55,8 @@ class AgentBeat(Wire):
     failed: int = 0
     progress_age_s: float = 0.0  # since it last changed state: a hung agent's grows
     last_error: str | None = None
+    provider: str | None = None  # where its LLM calls go now (its first choice, or a failover)
+    paused_on: str | None = None  # while paused: the provider whose open breaker holds it
 
 
 class HostHeartbeat(Wire):

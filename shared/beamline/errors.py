@@ -32,6 +32,8 @@ class Reason(StrEnum):
     PROVIDER_ERROR = "provider_error"
     PROVIDER_BAD_RESPONSE = "provider_bad_response"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
+    CIRCUIT_OPEN = "circuit_open"  # the provider's breaker is open: no call was made (or the
+    # failed call tripped it); the caller fails over to another provider or pauses
     RATE_LIMITED = "rate_limited"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     STORAGE_UNAVAILABLE = "storage_unavailable"

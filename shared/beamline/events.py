@@ -9,7 +9,6 @@ its Nats-Msg-Id, so a retried publish stays one message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -17,6 +16,7 @@ from nats.js.client import JetStreamContext
 
 from beamline import bus, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
+from beamline.service import finish_then_cancel
 
 log = logging.getLogger("beamline.events")
 
@@ -71,14 +71,7 @@ class EventSink:
 
     async def close(self, timeout: float) -> None:
         """Publish what is queued (up to `timeout` seconds), then stop."""
-        if self._task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await finish_then_cancel(self._task, self._queue.join, timeout)
 
     async def _run(self) -> None:
         while True:

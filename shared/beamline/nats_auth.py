@@ -5,6 +5,7 @@ derived from `beamline.subjects`, rendered as a nats-server `authorization` bloc
                 reply, dead-letter, heartbeat; obey `bl.ctl.<host>.*` but never send it
     supervisor  sends the control commands, records its decisions, answers operators
     gateway     answers `bl.llm.*`, keeps its idempotency bucket, reports breaker events
+                and writes each breaker's state into `BL_BREAKERS` (agent hosts watch it)
     recorder    pulls every recorded stream, acks, answers `bl.query.sql`
     budget      answers reservations, settles them from the gateway's call events, keeps
                 its ledger bucket, asks the supervisor to stop an exhausted subtree
@@ -166,6 +167,7 @@ BUCKETS: Final = (
     subjects.BUCKET_ATTEMPTS,
     subjects.BUCKET_SUPERVISOR,
     subjects.BUCKET_BUDGET,
+    subjects.BUCKET_BREAKERS,
 )
 # what only `init` and `admin` may do: declare every stream and bucket
 LAYOUT: Final = _declare((*subjects.RECORDED_STREAMS, *(kv_stream(b) for b in BUCKETS)))
@@ -195,12 +197,12 @@ USES: Final[Mapping[Role, Uses]] = {
             subjects.STREAM_EVENTS,
             subjects.STREAM_DLQ,
         ),
-        buckets=(subjects.BUCKET_ATTEMPTS,),
+        buckets=(subjects.BUCKET_ATTEMPTS, subjects.BUCKET_BREAKERS),
     ),
     Role.SUPERVISOR: Uses(streams=(subjects.STREAM_EVENTS,), buckets=(subjects.BUCKET_SUPERVISOR,)),
     Role.GATEWAY: Uses(
         streams=(subjects.STREAM_EVENTS, subjects.STREAM_DLQ),
-        buckets=(subjects.BUCKET_LLM_RESULTS,),
+        buckets=(subjects.BUCKET_LLM_RESULTS, subjects.BUCKET_BREAKERS),
     ),
     Role.RECORDER: Uses(streams=subjects.RECORDED_STREAMS),
     Role.BUDGET: Uses(streams=(subjects.STREAM_EVENTS,), buckets=(subjects.BUCKET_BUDGET,)),
@@ -264,6 +266,9 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             *_durable(subjects.STREAM_MAILBOX, "*"),  # shard and pinned-agent consumers
             _api("DIRECT", "GET", subjects.STREAM_JOURNAL),  # rebuilding state from a journal
             *_bucket(subjects.BUCKET_ATTEMPTS),
+            # watches the breaker states (an ordered consumer on the bucket's stream); it
+            # never writes them
+            *_read(kv_stream(subjects.BUCKET_BREAKERS)),
             *USES[Role.AGENT].lookups(),
         ),
         subscribe=(
@@ -299,6 +304,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             subjects.dlq("gateway"),
             subjects.BUDGET_RESERVE,  # a reservation before each provider call; nothing else
             *_bucket(subjects.BUCKET_LLM_RESULTS),
+            *_bucket(subjects.BUCKET_BREAKERS),  # publishes its breakers' states
             *USES[Role.GATEWAY].lookups(),
         ),
         subscribe=(_queue(subjects.LLM_ALL, subjects.QUEUE_GATEWAY), _health("gateway")),

@@ -46,6 +46,7 @@ PS_COLUMNS = (
     ("SUPERVISOR", "supervisor"),
     ("HOST", "host"),
     ("STATE", "state"),
+    ("PROVIDER", "provider"),
     ("GEN", "generation"),
     ("RESTARTS", "restarts"),
     ("DEPTH", "mailbox_depth"),
@@ -60,13 +61,31 @@ def render_ps(rows: list[dict[str, Any]]) -> str:
         value = row.get(key)
         if value is None:
             return "-"
+        if key == "state" and value == "paused" and row.get("paused_on"):
+            return f"paused:{row['paused_on']}"  # which provider's open breaker holds it
         return f"{value:.1f}s" if key == "heartbeat_age_s" else str(value)
 
     table = [[h for h, _ in PS_COLUMNS]] + [[cell(r, k) for _, k in PS_COLUMNS] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(PS_COLUMNS))]
-    return "\n".join(
+    lines = [
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table
-    )
+    ]
+    breakers = breaker_states(rows)
+    if breakers:
+        lines.append("breakers: " + ", ".join(f"{p} {s}" for p, s in sorted(breakers.items())))
+    return "\n".join(lines)
+
+
+def breaker_states(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each provider's breaker as the agents' hosts see it; the worst view wins (one host
+    may not have heard of a change yet, and an open breaker is the one to notice)."""
+    rank = {"closed": 0, "half_open": 1, "open": 2}
+    out: dict[str, str] = {}
+    for row in rows:
+        for provider, state in (row.get("breakers") or {}).items():
+            if rank.get(state, 0) >= rank.get(out.get(provider, "closed"), 0):
+                out[provider] = state
+    return out
 
 
 def render_tree(node: dict[str, Any], prefix: str = "", last: bool = True, top: bool = True) -> str:

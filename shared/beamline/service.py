@@ -8,6 +8,7 @@ kills only after a timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,21 @@ async def answer_health(nc: NATS, service: str, status: StatusFn) -> Subscriptio
         await msg.respond(json.dumps(body, default=str).encode())
 
     return await nc.subscribe(subjects.health(service), queue=service, cb=on_request)
+
+
+async def finish_then_cancel(
+    task: asyncio.Task[Any] | None, finished: Callable[[], Awaitable[Any]], timeout: float
+) -> None:
+    """Stop a background writer: wait up to `timeout` seconds for `finished()` (what it
+    holds is written), then cancel it. What is still unwritten then is given up."""
+    if task is None:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await finished()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def crash_on_error(task: asyncio.Task[Any]) -> None:

@@ -124,6 +124,9 @@ def bucket_configs() -> list[KeyValueConfig]:
         KeyValueConfig(bucket=subjects.BUCKET_SUPERVISOR, history=1),
         # the budget ledger: one key, replaced by compare-and-set on every change
         KeyValueConfig(bucket=subjects.BUCKET_BUDGET, history=1),
+        # each provider's breaker state, latest only: a host that starts or reconnects reads
+        # the current state instead of having to have seen every transition event
+        KeyValueConfig(bucket=subjects.BUCKET_BREAKERS, history=1),
     ]
 
 

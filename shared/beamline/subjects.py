@@ -207,3 +207,4 @@ BUCKET_LLM_RESULTS: Final = "BL_LLM_RESULTS"  # gateway: request id -> response 
 BUCKET_ATTEMPTS: Final = "BL_ATTEMPTS"  # agent hosts: deliveries of a mailbox message by dead hosts
 BUCKET_SUPERVISOR: Final = "BL_SUPERVISOR"  # supervisor: leader lease and the tree's state
 BUCKET_BUDGET: Final = "BL_BUDGET"  # budget: the ledger (spend, reservations, raised limits)
+BUCKET_BREAKERS: Final = "BL_BREAKERS"  # gateway: provider -> its breaker's state (hosts watch)

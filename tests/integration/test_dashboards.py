@@ -105,14 +105,21 @@ def supervision_story() -> list[Envelope]:
         {"supervisor": "analysis", "agent": "analyst", "from_host": "host-b", "to_host": "host-a"},
         lost,
     )
+    batch = decision(  # a host with many agents: one event per batch, not per agent
+        "children_rehomed",
+        "analysis",
+        {"supervisor": "analysis", "child": "analysis", "host": "host-a", "from_host": "host-b",
+         "n": 120, "children": ["worker-1", "worker-2"]},
+        lost,
+    )  # fmt: skip
     writer = {"supervisor": "team", "child": "writer"}
     stopped = decision("child_stopped", "writer", {**writer, "host": "host-a"})
     removed = decision(
         "child_removed", "writer", {**writer, "exit": "shutdown", "reason": "temporary"}, stopped
     )
     elected = decision("leader_elected", "sup-2", {"instance": "sup-2"})
-    return [started, crashed, restarted, again, gave_up, escalated, lost, rehomed, stopped,
-            removed, elected]  # fmt: skip
+    return [started, crashed, restarted, again, gave_up, escalated, lost, rehomed, batch,
+            stopped, removed, elected]  # fmt: skip
 
 
 async def publish_supervision(mesh: MeshHandle) -> int:
@@ -208,6 +215,13 @@ async def test_every_panel_of_every_dashboard_returns_what_its_format_needs(
                 problems[f"{name} / {panel['title']}"] = found
     assert not problems, json.dumps(problems, indent=2)
     assert checked >= 33
+
+    # a re-homing is shown whether it came one agent at a time or as one batch
+    board = dict(dashboards())["supervision.json"]
+    rehomed = next(t for p, t in grafana.queries(board) if p["title"] == "Re-homed agents")
+    result = await query.query(mesh.nc, grafana.expand(rehomed["rawSql"], window, variables))
+    moved = {(row[1], row[2], row[4]) for row in result.rows}
+    assert moved == {("analyst", 1, "host-a"), ("worker-1, worker-2", 120, "host-a")}, moved
 
     # and the same check fails a panel that names a column its table does not have
     panel = {"title": "broken", "targets": [], "transformations": []}

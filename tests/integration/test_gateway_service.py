@@ -21,6 +21,7 @@ from beamline.envelope import (
     ChatMessage,
     Envelope,
     ErrorPayload,
+    EventPayload,
     Kind,
     LLMRequestPayload,
     LLMResponsePayload,
@@ -298,9 +299,11 @@ async def test_a_hanging_provider_times_out_opens_the_breaker_and_is_then_not_ca
     rule = {"name": "hang", "match": {"model": "m-hang"}, "fault": {"hang": True}}
     config = {"timeout_s": 0.3, "max_attempts": 1, "breaker_fail_max": 2, "breaker_reset_s": 60}
     await mesh.start([rule], {"fake": config})
-    for _ in range(2):
-        error = error_of(await mesh.ask(llm_request("fake", "hi", model="m-hang")))
-        assert error.reason == "provider_timeout" and "read timeout" in error.message
+    first = error_of(await mesh.ask(llm_request("fake", "hi", model="m-hang")))
+    assert first.reason == "provider_timeout" and "read timeout" in first.message
+    # the second timeout trips the breaker: the reply says so (the cause stays in the text)
+    second = error_of(await mesh.ask(llm_request("fake", "hi", model="m-hang")))
+    assert second.reason == "circuit_open" and "read timeout" in second.message
 
     (opened,) = await wait_for(lambda: mesh.events("breaker_opened"), what="breaker_opened")
     assert opened.payload.data["provider"] == "fake"
@@ -308,11 +311,91 @@ async def test_a_hanging_provider_times_out_opens_the_breaker_and_is_then_not_ca
     assert "timeout" in opened.payload.data["reason"]
 
     refused = error_of(await mesh.ask(llm_request("fake", "hi", model="m-hang")))
-    assert refused.reason == "provider_unavailable" and "is open" in refused.message
+    assert refused.reason == "circuit_open" and "is open" in refused.message
     assert len(await mesh.calls("m-hang")) == 2
     health = await mesh.health()
     assert health["providers"]["fake"]["breaker"] == "open"
     assert health["providers"]["claude"]["breaker"] == "closed"  # one breaker per provider
+
+
+async def test_a_provider_hanging_mid_body_is_cut_off_by_the_read_timeout_and_counts_as_failure(
+    mesh: Mesh,
+) -> None:
+    """fakellm sends the status line, the headers and half the body, then nothing: httpx
+    raises ReadTimeout while reading the body, which the breaker counts as a failure."""
+    rule = {"name": "stall", "match": {"model": "m-stall"}, "fault": {"hang_mid_stream": True}}
+    config = {"timeout_s": 0.4, "max_attempts": 1, "breaker_fail_max": 2, "breaker_reset_s": 60}
+    await mesh.start([rule], {"fake": config})
+    started = time.monotonic()
+    first = error_of(await mesh.ask(llm_request("fake", "hi", model="m-stall")))
+    assert first.reason == "provider_timeout" and "read timeout" in first.message
+    assert time.monotonic() - started < 3.0  # cut off, not left hanging
+    assert (await mesh.health())["providers"]["fake"]["consecutive_failures"] == 1
+    second = error_of(await mesh.ask(llm_request("fake", "hi", model="m-stall")))
+    assert second.reason == "circuit_open"
+    calls = await mesh.calls("m-stall")
+    assert [c["fault"] for c in calls] == ["hang_mid_stream", "hang_mid_stream"]
+    assert (await mesh.health())["providers"]["fake"]["breaker"] == "open"
+    (record,) = await wait_for(lambda: _breaker_records(mesh, "fake", "open"), what="record")
+    assert "read timeout" in (record["last_error"] or "")
+
+
+async def _breaker_records(mesh: Mesh, provider: str, state: str) -> list[dict[str, Any]]:
+    kv = await mesh.nc.jetstream().key_value(subjects.BUCKET_BREAKERS)
+    try:
+        record: dict[str, Any] = json.loads((await kv.get(provider)).value or b"{}")
+    except Exception:
+        return []
+    return [record] if record.get("state") == state else []
+
+
+async def test_an_open_breaker_half_opens_on_its_own_and_a_good_trial_closes_it(
+    mesh: Mesh,
+) -> None:
+    """No call needs to arrive for the breaker to half-open (agents have moved away); the
+    states land in BL_BREAKERS for agent hosts, in order."""
+    rule = {"name": "down", "match": {"model": "m-down"}, "fault": {"status": 503}, "times": 1}
+    config = {"max_attempts": 1, "breaker_fail_max": 1, "breaker_reset_s": 0.5}
+    await mesh.start([rule], {"fake": config})
+    assert (await _breaker_records(mesh, "fake", "closed"))[0]["gateway"]  # written at start
+    tripped = error_of(await mesh.ask(llm_request("fake", "hi", model="m-down")))
+    assert tripped.reason == "circuit_open" and "HTTP 503" in tripped.message
+    await wait_for(lambda: _breaker_records(mesh, "fake", "half_open"), what="half-open")
+    assert len(await mesh.calls("m-down")) == 1  # half-opened without a call
+    answer = response_of(await mesh.ask(llm_request("fake", "hi again", model="m-down")))
+    assert answer.message.content == "echo: hi again"  # the trial
+    await wait_for(lambda: _breaker_records(mesh, "fake", "closed"), what="closed again")
+    names = [
+        e.payload.data.get("to")
+        for e in await mesh.events()
+        if isinstance(e.payload, EventPayload) and e.payload.name.startswith("breaker_")
+    ]
+    assert names == ["open", "half-open", "closed"]
+
+
+async def test_a_429_retry_after_throttles_the_provider_for_every_request_not_the_breaker(
+    mesh: Mesh,
+) -> None:
+    rule = {
+        "name": "throttle-once",
+        "match": {"model": "m-429"},
+        "fault": {"status": 429, "retry_after_s": 1.0},
+        "times": 1,
+    }
+    await mesh.start([rule], {"fake": {"max_attempts": 3, "breaker_fail_max": 1}})
+    first = asyncio.create_task(mesh.ask(llm_request("fake", "one", model="m-429")))
+    await wait_for(lambda: mesh.calls("m-429"), what="the 429")
+    # a second request during the pause waits for it too instead of meeting another 429
+    second = await mesh.ask(llm_request("fake", "two", model="m-429"))
+    assert response_of(second).message.content == "echo: two"
+    assert response_of(await first).message.content == "echo: one"
+    calls = await mesh.calls("m-429")
+    assert [c["status"] for c in calls] == [429, 200, 200]
+    assert min(c["ts"] for c in calls[1:]) - calls[0]["ts"] >= 0.95
+    health = (await mesh.health())["providers"]["fake"]
+    assert health["breaker"] == "closed" and health["consecutive_failures"] == 0
+    assert health["throttled"] >= 1
+    assert await mesh.events("breaker_opened") == []
 
 
 async def test_the_gateway_deadline_answers_before_a_slow_provider_does(mesh: Mesh) -> None:

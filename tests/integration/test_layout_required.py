@@ -113,7 +113,7 @@ async def test_the_wait_ends_with_every_missing_stream_and_bucket_named(
         await gateway.close()
     assert str(err.value) == (
         "the JetStream layout is not declared: stream BL_EVENTS, stream BL_DLQ, bucket "
-        "BL_LLM_RESULTS not found after waiting 0.5 s. Run `beamline init` against this NATS "
+        "BL_LLM_RESULTS, bucket BL_BREAKERS not found after waiting 0.5 s. Run `beamline init` against this NATS "
         "server (as the NATS user `init` or `admin`) to declare the streams and buckets; "
         "`make up` runs it as the compose job `init`"
     )

@@ -134,6 +134,7 @@ DENIED = [
     ("agent", PUB, subjects.event("supervisor", "child_restarted")),
     ("agent", PUB, subjects.admin("kill")),
     ("agent", PUB, "$KV.BL_SUPERVISOR.leader"),
+    ("agent", PUB, "$KV.BL_BREAKERS.openai"),  # it watches breaker states, never writes them
     ("agent", PUB, "$JS.API.STREAM.DELETE.BL_JOURNAL"),
     ("agent", SUB, subjects.LLM_ALL),
     ("agent", SUB, "_INBOX.gateway.>"),
@@ -387,6 +388,16 @@ async def test_the_gateway_answers_llm_calls_and_the_recorder_records_and_answer
     assert (await results.get("req-1")).value == b"cached"
     await bus.publish(g_js, subjects.event("gateway", "breaker_opened"), envelope("c1"))
     await bus.publish(g_js, subjects.dlq("gateway"), envelope("c1"))
+
+    # the gateway writes each breaker's state; an agent host watches them
+    watcher = await (await agent.nc.jetstream().key_value(subjects.BUCKET_BREAKERS)).watchall()
+    breakers = await g_js.key_value(subjects.BUCKET_BREAKERS)
+    await breakers.put("fakellm", b'{"state": "open"}')
+    seen = None
+    while seen is None:  # a None first: the replay of the (empty) bucket ended
+        seen = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+    assert seen.key == "fakellm" and seen.value == b'{"state": "open"}'
+    await watcher.stop()  # type: ignore[no-untyped-call]
 
     # the recorder's durable pull consumer: declare, pull, ack
     await alice.nc.jetstream().publish(subjects.task("research"), b"to record")

@@ -103,7 +103,8 @@ async def test_restart_intensity_escalates_to_the_parent_and_never_loops(
 
 
 async def test_host_killed_its_agents_are_rehomed_and_resume(start_mesh: MeshFactory) -> None:
-    mesh = await supervised_mesh(start_mesh)
+    # host-b joins as a spare: with rebalancing it would take half of host-a's shards first
+    mesh = await supervised_mesh(start_mesh, BEAMLINE_SUPERVISOR_REBALANCE_ON_JOIN="false")
     mesh.mesh.spawn(
         "agent-b",
         "services.agent",
@@ -132,6 +133,45 @@ async def test_host_killed_its_agents_are_rehomed_and_resume(start_mesh: MeshFac
     assert not named(evs, "child_restarted")  # a lost host is not a crash
     rows = {r["agent"]: r for r in (await admin(mesh, "ps"))["result"]}
     assert {rows[a]["host"] for a in ("steady", "hot", "loose", "sleeper")} == {"host-b"}
+
+
+async def test_a_joining_host_takes_half_the_shards_and_their_agents_move_unharmed(
+    start_mesh: MeshFactory,
+) -> None:
+    # an 8 s tool is no hang here
+    mesh = await supervised_mesh(start_mesh, BEAMLINE_SUPERVISOR_HUNG_AFTER_S="60")
+    conversation = await submit(mesh.nc, subjects.inbox("sleeper"), "a long nap")
+
+    async def in_tool() -> bool:
+        return "sleeper-naps-long" in [c["rule"] for c in await mesh.fakellm_calls()]
+
+    await wait_for(in_tool, timeout=20, what="sleeper to be inside its 8 s tool")
+    # sleeper (shard 31) is mid-tool on host-a when host-b joins and takes shards 16-31
+    mesh.mesh.spawn(
+        "agent-b",
+        "services.agent",
+        {"BEAMLINE_AGENT_HOST_ID": "host-b", "BEAMLINE_AGENT_LABELS": "tier=cold"},
+    )
+    reply = await await_reply(mesh.nc, conversation, timeout=40)
+    assert reply_text(reply) == "sleeper: slept 8.0"
+
+    evs = await events(mesh)
+    [moved] = named(evs, "shards_rebalanced")
+    assert moved["host"] == "host-b" and moved["given"] == {"host-a": list(range(16, 32))}
+    rehomed = {e["child"]: e for e in named(evs, "agent_rehomed")}
+    assert {"sleeper", "steady", "hanger", "doomed"} <= rehomed.keys()
+    assert "crasher" not in rehomed and "hot" not in rehomed  # shard 15; pinned to tier=hot
+    assert all(e["from_host"] == "host-a" and e["to_host"] == "host-b" for e in rehomed.values())
+    assert not named(evs, "child_restarted")  # a move is not a restart
+    # moved mid-task (its tool cut off at its shutdown, 0.5 s, and run again on host-b),
+    # the LLM call made on host-a is not made again: the move resumes from the journal
+    rules = [c["rule"] for c in await mesh.fakellm_calls()]
+    assert rules.count("sleeper-naps-long") == 1 and rules.count("sleeper-answers") == 1
+    rows = {r["agent"]: r for r in (await admin(mesh, "ps"))["result"]}
+    assert rows["sleeper"]["host"] == "host-b" and rows["crasher"]["host"] == "host-a"
+    assert rows["sleeper"]["restarts"] == 0
+    after = await submit(mesh.nc, subjects.inbox("steady"), "still there?")
+    assert reply_text(await await_reply(mesh.nc, after, timeout=30)) == "echo: still there?"
 
 
 async def _host_seen(mesh: MeshHandle, host: str) -> bool:

@@ -60,3 +60,16 @@ def test_an_unknown_tool_is_named() -> None:
     deployment = config.parse(GOOD.replace("model: m}]", "model: m}], tools: [nope]"))
     with pytest.raises(ConfigError, match=r"agents\[0\].tools\[0\]: unknown tool 'nope'"):
         deployment.check_tools()
+
+
+def test_the_readme_failover_snippet_declares_an_ordered_choice_list() -> None:
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## Provider failover", 1)[1].split("```yaml\n", 1)[1]
+    snippet = snippet.split("```", 1)[0]
+    providers = (
+        "providers:\n"
+        "  openai: {kind: openai, base_url: 'http://127.0.0.1:1/v1'}\n"
+        "  anthropic: {kind: anthropic, base_url: 'http://127.0.0.1:2'}\n"
+    )
+    (agent,) = config.parse(providers + snippet).agents
+    assert [c.provider for c in agent.models] == ["openai", "anthropic"]

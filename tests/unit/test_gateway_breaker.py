@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from beamline.circuit import Circuit
 from services.gateway import retry
-from services.gateway.breaker import BreakerOpen, ProviderBreaker, ProviderFailure
+from services.gateway.breaker import BreakerOpen, ProviderBreaker, ProviderFailure, trial_due
 
 
 class Recorder:
@@ -87,3 +88,30 @@ def test_leaving_the_block_normally_is_a_success_that_resets_the_count() -> None
     with breaker.guard():
         pass
     assert breaker.fail_count == 0 and breaker.state == "closed"
+
+
+def test_an_open_breaker_half_opens_on_the_gateway_clock_without_a_call() -> None:
+    """Agents fail over or pause while it is open, so no call would ever half-open it."""
+    now = [0.0]
+    events = Recorder()
+    breaker = ProviderBreaker("p", fail_max=1, reset_s=5, on_event=events, clock=lambda: now[0])
+    assert breaker.record.state == "closed"
+    fail(breaker)
+    assert breaker.record.state == "open" and breaker.record.last_error == "read timeout"
+    now[0] = 4.9
+    assert not breaker.half_open_if_due()
+    now[0] = 5.0
+    assert breaker.half_open_if_due()
+    assert breaker.state == "half-open" and breaker.record.state == "half_open"
+    assert events.names == ["breaker_opened", "breaker_half_opened"]
+    assert not breaker.half_open_if_due()  # only an open breaker is due
+    with breaker.guard():
+        pass  # the trial succeeds
+    assert breaker.record.state == "closed" and breaker.opened_at is None
+
+
+def test_trial_due_is_pure() -> None:
+    assert trial_due(Circuit.OPEN, 10.0, 5.0, 15.0)
+    assert not trial_due(Circuit.OPEN, 10.0, 5.0, 14.9)
+    assert not trial_due(Circuit.CLOSED, 10.0, 5.0, 99.0)
+    assert not trial_due(Circuit.OPEN, None, 5.0, 99.0)

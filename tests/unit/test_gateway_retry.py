@@ -102,3 +102,10 @@ def test_timeouts_and_bad_bodies_count_against_the_breaker() -> None:
     assert retry.TIMEOUT.breaker_failure and retry.TIMEOUT.retry
     assert retry.CONNECTION.breaker_failure and retry.CONNECTION.retry
     assert retry.BAD_RESPONSE.breaker_failure and not retry.BAD_RESPONSE.retry
+
+
+def test_a_429s_retry_after_throttles_the_provider_until_the_latest_pause_ends() -> None:
+    assert retry.throttle_until(0.0, 100.0, 2.0, cap=30) == 102.0
+    assert retry.throttle_until(105.0, 100.0, 2.0, cap=30) == 105.0  # a longer pause stands
+    assert retry.throttle_until(0.0, 100.0, 600.0, cap=30) == 130.0  # capped
+    assert retry.throttle_until(7.0, 100.0, None, cap=30) == 7.0  # no Retry-After: no pause

@@ -141,11 +141,13 @@ async def test_a_hanging_provider_times_out_and_trips_the_breaker() -> None:
         hang, timeout_s=0.05, connect_timeout_s=0.05, max_attempts=2, breaker_fail_max=2
     )
     result = await up.complete(REQUEST, None, later())
-    assert result.reason is Reason.PROVIDER_TIMEOUT and calls == 2
+    # the cause stays the timeout; the flag tells the caller the breaker is open now
+    assert result.reason is Reason.PROVIDER_TIMEOUT and result.circuit_open and calls == 2
     assert up.breaker.state == "open"
     assert [name for name, _ in events] == ["breaker_opened"]
     refused = await up.complete(REQUEST, None, later())
-    assert refused.reason is Reason.PROVIDER_UNAVAILABLE and refused.attempts == 0 and calls == 2
+    assert refused.reason is Reason.CIRCUIT_OPEN and refused.circuit_open
+    assert refused.attempts == 0 and calls == 2
     await up.aclose()
 
 

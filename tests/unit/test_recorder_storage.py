@@ -86,17 +86,7 @@ def rows_for(conversation: str, n: int, stream: str = "BL_REPLIES") -> list[list
         first.child(ReplyPayload(task_id=first.id, text=f"r{i}"), sender="agent", recipient="user")
         for i in range(n - 1)
     ]
-    return [
-        envelope_row(
-            bus.encode(e),
-            subject=f"bl.reply.{conversation}",
-            stream=stream,
-            stream_seq=i + 1,
-            stream_ts_ns=0,
-            max_message_bytes=262144,
-        )
-        for i, e in enumerate(envs)
-    ]
+    return stored(envs, stream)
 
 
 def stored(envelopes: list[Envelope], stream: str = "BL_REPLIES") -> list[list[Any]]:

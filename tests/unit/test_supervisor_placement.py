@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
 from beamline.control import AgentBeat, AgentState, HostHeartbeat
 from services.supervisor.hosts import HostTable
-from services.supervisor.placement import NoEligibleHost, assign_shards, place_pinned
+from services.supervisor.placement import (
+    NoEligibleHost,
+    assign_shards,
+    place_pinned,
+    rebalance_shards,
+)
 
 
 def test_shards_spread_evenly_over_live_hosts() -> None:
@@ -65,3 +71,26 @@ def test_busy_agents_are_known_from_heartbeats() -> None:
     busy = AgentBeat(agent="x", state=AgentState.WAITING_ON_LLM, progress_age_s=3)
     table.seen(HostHeartbeat(host="a", incarnation="i", busy=(busy,)), now=0)
     assert table.hosts["a"].beat.busy[0].progress_age_s == 3
+
+
+def test_a_joining_host_takes_its_fair_share_from_the_most_loaded() -> None:
+    owners = assign_shards(32, {}, ["a"])
+    two = rebalance_shards(owners, ["a", "b"], "b")
+    assert Counter(two.values()) == {"a": 16, "b": 16}
+    assert all(two[k] == "a" for k in range(16))  # the highest shards move, the rest stay
+    three = rebalance_shards(two, ["a", "b", "c"], "c")
+    assert Counter(three.values()) == {"a": 11, "b": 11, "c": 10}
+    assert {k for k, h in three.items() if h != two[k]} == {k for k, h in three.items() if h == "c"}
+
+
+def test_rebalancing_moves_nothing_when_it_cannot_help() -> None:
+    owners = {0: "a", 1: "b"}
+    assert rebalance_shards(owners, ["a", "b", "c"], "c") == owners  # fair share is 0
+    assert rebalance_shards(owners, ["a", "b"], "b") == owners  # already balanced
+    assert rebalance_shards(owners, ["a"], "z") == owners  # not live: nothing for it
+    uneven = {0: "a", 1: "a", 2: "a", 3: "b"}
+    assert Counter(rebalance_shards(uneven, ["a", "b", "c"], "c").values()) == {
+        "a": 2,
+        "b": 1,
+        "c": 1,
+    }
