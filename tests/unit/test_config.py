@@ -60,3 +60,52 @@ def test_an_unknown_tool_is_named() -> None:
     deployment = config.parse(GOOD.replace("model: m}]", "model: m}], tools: [nope]"))
     with pytest.raises(ConfigError, match=r"agents\[0\].tools\[0\]: unknown tool 'nope'"):
         deployment.check_tools()
+
+
+ISOLATED = """
+providers:
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+agents:
+  - {name: a, role: r, models: [{provider: p, model: m}], isolation: process}
+  - {name: b, role: r, models: [{provider: p, model: m}]}
+  - {name: c, role: r, models: [{provider: p, model: m}]}
+supervisors:
+  - name: root
+    strategy: one_for_one
+    children: [{agent: a}, {agent: b}, {supervisor: pool}]
+  - name: pool
+    strategy: simple_one_for_one
+    children: [{agent: c}]
+"""
+
+
+def test_a_process_isolated_agent_is_placed_like_a_pinned_agent() -> None:
+    deployment = config.parse(ISOLATED)
+    assert deployment.agent("a").isolation is config.Isolation.PROCESS  # type: ignore[union-attr]
+    assert deployment.agent("b").isolation is config.Isolation.TASK  # type: ignore[union-attr]
+    assert deployment.isolated_agents() == {"a"}
+    assert deployment.pinned_agents() == {"a": {}}  # no labels needed: any live host
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            ISOLATED.replace("isolation: process}", "isolation: thread}"),
+            "agents[0].isolation: Input should be 'task' or 'process'",
+        ),
+        (
+            ISOLATED.replace("children: [{agent: a}, {agent: b},", "children: [{agent: b},"),
+            "agents[0].isolation: process needs a supervisor to place and restart 'a'",
+        ),
+        (
+            ISOLATED.replace("children: [{agent: c}]", "children: [{agent: a}]").replace(
+                "[{agent: a}, {agent: b},", "[{agent: b},"
+            ),
+            "agents[0].isolation: 'a' is a simple_one_for_one pool's template",
+        ),
+    ],
+)
+def test_bad_isolation_is_rejected_naming_the_reason(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.parse(text)
