@@ -152,7 +152,7 @@ class Agent:
         )
 
     def status(self) -> dict[str, Any]:
-        return {"role": self.spec.role, **self.beat().model_dump()}
+        return {"role": self.spec.role, **self.beat().model_dump(), "isolation": "task"}
 
     async def halt(self, timeout: float | None) -> StopOutcome:
         """Stop working (the supervisor's stop): finish the message in hand within `timeout`

@@ -55,6 +55,7 @@ PS_COLUMNS = (
     ("STEP", "step"),
     ("TOKENS", "tokens"),
     ("HEARTBEAT", "heartbeat_age_s"),
+    ("PID", "pid"),  # an isolated agent's own process; "-" for one sharing its host's
 )
 
 

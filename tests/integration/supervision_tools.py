@@ -4,6 +4,9 @@ process, like a real bug that depends on what a process has seen."""
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
+from pathlib import Path
 
 from beamline.tools import Crash, tool
 
@@ -40,3 +43,14 @@ async def slow(seconds: float) -> str:
     """Take a while, as a long tool call does."""
     await asyncio.sleep(seconds)
     return f"slept {seconds}"
+
+
+@tool
+def exit_once(key: str) -> str:
+    """End the whole process (`os._exit(1)`, no cleanup, like a segfault) the first time a
+    key is seen on this machine; succeed after. The mark outlives the process it killed."""
+    mark = Path(tempfile.gettempdir()) / f"beamline-exit-once-{key}"
+    if not mark.exists():
+        mark.touch()
+        os._exit(1)
+    return f"survived {key}"
