@@ -181,6 +181,14 @@ class Host:
 
     def start(self, names: Iterable[str], generations: Iterable[int]) -> None:
         """Start a new incarnation of each agent, in order; it inherits the queue."""
+        names = list(names)
+        elsewhere = [n for n in names if n in self.isolated_names and n not in self.isolated_here]
+        if elsewhere:  # its process would take its mailbox over from wherever it is assigned
+            raise CallerError(
+                f"agents {elsewhere} run in their own processes, which consume their mailboxes:"
+                " assign them to this host before starting them",
+                Reason.INVALID_SCHEMA,
+            )
         for name, generation in zip(names, generations, strict=True):
             old = self.agent(name)
             if old.running and old.generation == generation:

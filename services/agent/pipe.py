@@ -36,7 +36,7 @@ class Report(BaseModel):
     exit: str | None = None  # "crash: ..." when the agent's code raised
 
     def line(self) -> bytes:
-        return self.model_dump_json(exclude_defaults=True).encode() + b"\n"
+        return self.model_dump_json().encode() + b"\n"
 
 
 def holding(queue: Sequence[Delivery]) -> tuple[Envelope | None, tuple[str, ...]]:

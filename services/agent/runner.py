@@ -70,6 +70,7 @@ class HostContext:
 
 
 ExitReport = Callable[["Agent", str], None]
+StateChange = Callable[["Agent"], None]
 
 
 @dataclass(eq=False, slots=True)
@@ -86,6 +87,7 @@ class Agent:
     running: bool = True
     generation: int = 0
     on_exit: ExitReport | None = None  # set for supervised agents: crashes are reported
+    on_state: StateChange | None = None  # an isolated agent's process tells its host at once
     processed: int = 0
     failed: int = 0
     tokens: int = 0
@@ -106,6 +108,8 @@ class Agent:
     @state.setter
     def state(self, value: State) -> None:
         self._state, self._changed_at = value, time.monotonic()
+        if self.on_state is not None:
+            self.on_state(self)
 
     @property
     def busy(self) -> bool:

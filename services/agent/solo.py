@@ -108,7 +108,15 @@ async def main(stop: asyncio.Event) -> int:
         pipe.send(Report(pid=os.getpid(), exit=exit))
         stop.set()
 
-    agent = Agent(spec, ctx, generation=solo.generation, on_exit=on_exit)
+    # every state change is reported at once, not only at the next beat: a tool that
+    # blocks the loop right after `waiting-on-tool` must leave that state with its host
+    agent = Agent(
+        spec,
+        ctx,
+        generation=solo.generation,
+        on_exit=on_exit,
+        on_state=lambda a: pipe.send(report_of(a)),
+    )
     mailbox = MailboxConsumer(
         js,
         Mailbox.pinned(settings.host_id, agent.name),

@@ -149,6 +149,28 @@ async def test_a_tool_that_exits_its_process_crashes_only_that_agent(
     assert second != first
 
 
+async def test_a_tool_blocking_its_process_is_killed_as_hung_and_the_host_answers_meanwhile(
+    start_mesh: MeshFactory, reap: list[int]
+) -> None:
+    mesh = await isolated_mesh(start_mesh)  # the supervisor kills after 4 s without progress
+    first = await solo_pid(mesh, reap)
+    key = f"block-{uuid.uuid4().hex[:8]}"
+    conversation = await submit(mesh.nc, subjects.inbox("solo"), key)
+
+    async def blocked() -> bool:
+        return "solo-blocks" in await rules(mesh)
+
+    await wait_for(blocked, timeout=20, what="solo to call its blocking tool")
+    assert await ask(mesh, "steady", "not blocked") == "echo: not blocked"
+    reply = await await_reply(mesh.nc, conversation, timeout=40)
+    assert reply_text(reply) == f"solo: unblocked {key}"
+    [exited] = named(await events(mesh), "child_exited", "solo")
+    assert exited["exit"].startswith("hung: no progress for")
+    assert proc_stat(first) is None
+    seen = await rules(mesh)
+    assert seen.count("solo-blocks") == 1 and seen.count("solo-unblocked") == 1
+
+
 async def test_a_sigkilled_agent_process_is_a_crash_and_its_successor_answers(
     start_mesh: MeshFactory, reap: list[int]
 ) -> None:
