@@ -109,3 +109,10 @@ def test_a_process_isolated_agent_is_placed_like_a_pinned_agent() -> None:
 def test_bad_isolation_is_rejected_naming_the_reason(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config.parse(text)
+
+
+def test_the_readme_isolation_example_is_a_valid_deployment() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Isolation: a task of its host, or a process of its own", 1)[1]
+    deployment = config.parse(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert deployment.isolated_agents() == {"scraper"}
