@@ -28,7 +28,7 @@ from beamline.control import AgentState as State
 from beamline.envelope import Envelope
 from beamline.errors import CallerError, Reason
 from services.agent.pipe import Report, describe_exit, error_line, read_report
-from services.agent.runner import Delivery
+from services.agent.runner import Delivery, StateClock
 
 log = logging.getLogger("beamline.agent.isolated")
 
@@ -59,7 +59,7 @@ ExitReport = Callable[["ProcessAgent", str], None]
 
 
 @dataclass(eq=False)
-class ProcessAgent:
+class ProcessAgent(StateClock):
     """One incarnation of an isolated agent, as its host sees it: between the supervisor's
     start and stop, an OS process. Counts of earlier incarnations carry over, like an
     in-host agent's; the mailbox is the process's own, so `queue` stays empty here."""
@@ -86,14 +86,6 @@ class ProcessAgent:
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @state.setter
-    def state(self, value: State) -> None:
-        self._state, self._changed_at = value, time.monotonic()
 
     @property
     def pid(self) -> int | None:

@@ -73,8 +73,32 @@ ExitReport = Callable[["Agent", str], None]
 StateChange = Callable[["Agent"], None]
 
 
+class StateClock:
+    """An agent's state and when it last changed: how long it has made no progress is
+    what tells a hung agent. Shared by an agent in a host and an isolated agent's host-side
+    stand-in; `_state_changed` is the hook a state change calls."""
+
+    __slots__ = ()
+    _state: State
+    _changed_at: float
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        # empty __slots__ here keeps a host's many agents dict-free; the slotted dataclasses
+        # deriving from this declare both fields, which mypy cannot see from here
+        self._state, self._changed_at = value, time.monotonic()  # type: ignore[misc]
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        pass
+
+
 @dataclass(eq=False, slots=True)
-class Agent:
+class Agent(StateClock):
     """One incarnation of an agent. A supervised agent runs only between its supervisor's
     start and stop; a crash ends the incarnation and the next one (a new object, same
     queue) takes the message up again from the journal. An unsupervised agent always runs.
@@ -101,13 +125,7 @@ class Agent:
     def __post_init__(self) -> None:
         self.name = self.name or self.spec.name
 
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @state.setter
-    def state(self, value: State) -> None:
-        self._state, self._changed_at = value, time.monotonic()
+    def _state_changed(self) -> None:
         if self.on_state is not None:
             self.on_state(self)
 

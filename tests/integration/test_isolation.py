@@ -69,9 +69,11 @@ async def solo_pid(mesh: MeshHandle, reap: list[int], not_pid: int | None = None
     return pid
 
 
-async def isolated_mesh(start_mesh: MeshFactory) -> MeshHandle:
+@pytest.fixture
+async def isolated(start_mesh: MeshFactory, reap: list[int]) -> tuple[MeshHandle, int]:
+    """The mesh running isolated.yaml, and the pid of solo's first process once it is up."""
     mesh: MeshHandle = await start_mesh(config=TREE, script=SCRIPT, env=FAST)
-    return mesh
+    return mesh, await solo_pid(mesh, reap)
 
 
 async def ask(mesh: MeshHandle, agent: str, text: str, timeout: float = 30) -> str:
@@ -83,11 +85,25 @@ async def rules(mesh: MeshHandle) -> list[str]:
     return [c["rule"] for c in await mesh.fakellm_calls()]
 
 
+async def counts(mesh: MeshHandle, *names: str) -> list[int]:
+    """How often fakellm answered by each rule: 1 each means no LLM call was repeated."""
+    seen = await rules(mesh)
+    return [seen.count(name) for name in names]
+
+
+async def called(mesh: MeshHandle, rule: str) -> None:
+    """Until fakellm has answered by `rule` (the agent now runs the tool it asked for)."""
+
+    async def seen() -> bool:
+        return rule in await rules(mesh)
+
+    await wait_for(seen, timeout=20, what=f"fakellm to answer by {rule}")
+
+
 async def test_an_isolated_agent_answers_from_its_own_process_and_shows_in_ps(
-    start_mesh: MeshFactory, reap: list[int]
+    isolated: tuple[MeshHandle, int], reap: list[int]
 ) -> None:
-    mesh = await isolated_mesh(start_mesh)
-    pid = await solo_pid(mesh, reap)
+    mesh, pid = isolated
     host_pid = mesh.mesh.process("agent").popen.pid
     stat = proc_stat(pid)
     assert pid != host_pid and stat is not None and stat[1] == host_pid  # the host's child
@@ -123,10 +139,9 @@ async def test_an_isolated_agent_answers_from_its_own_process_and_shows_in_ps(
 
 
 async def test_a_tool_that_exits_its_process_crashes_only_that_agent(
-    start_mesh: MeshFactory, reap: list[int]
+    isolated: tuple[MeshHandle, int], reap: list[int]
 ) -> None:
-    mesh = await isolated_mesh(start_mesh)
-    first = await solo_pid(mesh, reap)
+    mesh, first = isolated
     host = mesh.mesh.process("agent")
     key = f"exit-{uuid.uuid4().hex[:8]}"
 
@@ -137,8 +152,7 @@ async def test_a_tool_that_exits_its_process_crashes_only_that_agent(
     [restarted] = named(evs, "child_restarted", "solo")
     assert restarted["terminate"] == [] and restarted["start"] == ["solo"]
     # the LLM answer journaled before os._exit is not asked for again
-    seen = await rules(mesh)
-    assert seen.count("solo-exits") == 1 and seen.count("solo-survives") == 1
+    assert await counts(mesh, "solo-exits", "solo-survives") == [1, 1]
 
     # the host and its other agents never noticed
     assert host.alive(), host.logs()[-2000:]
@@ -150,32 +164,30 @@ async def test_a_tool_that_exits_its_process_crashes_only_that_agent(
 
 
 async def test_a_tool_blocking_its_process_is_killed_as_hung_and_the_host_answers_meanwhile(
-    start_mesh: MeshFactory, reap: list[int]
-) -> None:
-    mesh = await isolated_mesh(start_mesh)  # the supervisor kills after 4 s without progress
-    first = await solo_pid(mesh, reap)
+    isolated: tuple[MeshHandle, int], reap: list[int]
+) -> None:  # the supervisor kills after 4 s without progress
+    mesh, first = isolated
     key = f"block-{uuid.uuid4().hex[:8]}"
     conversation = await submit(mesh.nc, subjects.inbox("solo"), key)
-
-    async def blocked() -> bool:
-        return "solo-blocks" in await rules(mesh)
-
-    await wait_for(blocked, timeout=20, what="solo to call its blocking tool")
+    await called(mesh, "solo-blocks")
     assert await ask(mesh, "steady", "not blocked") == "echo: not blocked"
+    # inspect shows what the frozen process last reported: the task in hand, its steps
+    detail = (await admin(mesh, "inspect", "solo"))["result"]
+    assert detail["state"] == "waiting-on-tool" and detail["pid"] == first
+    assert detail["current"]["conversation_id"] == conversation
+    assert [s["kind"] for s in detail["steps"]] == ["task", "llm_response"]
     reply = await await_reply(mesh.nc, conversation, timeout=40)
     assert reply_text(reply) == f"solo: unblocked {key}"
     [exited] = named(await events(mesh), "child_exited", "solo")
     assert exited["exit"].startswith("hung: no progress for")
     assert proc_stat(first) is None
-    seen = await rules(mesh)
-    assert seen.count("solo-blocks") == 1 and seen.count("solo-unblocked") == 1
+    assert await counts(mesh, "solo-blocks", "solo-unblocked") == [1, 1]
 
 
 async def test_a_sigkilled_agent_process_is_a_crash_and_its_successor_answers(
-    start_mesh: MeshFactory, reap: list[int]
+    isolated: tuple[MeshHandle, int], reap: list[int]
 ) -> None:
-    mesh = await isolated_mesh(start_mesh)
-    first = await solo_pid(mesh, reap)
+    mesh, first = isolated
     os.kill(first, signal.SIGKILL)
 
     async def restarted() -> bool:
@@ -190,21 +202,16 @@ async def test_a_sigkilled_agent_process_is_a_crash_and_its_successor_answers(
 
 
 async def test_stop_is_sigterm_then_sigkill_after_the_shutdown_timeout(
-    start_mesh: MeshFactory, reap: list[int]
+    isolated: tuple[MeshHandle, int], reap: list[int]
 ) -> None:
-    mesh = await isolated_mesh(start_mesh)
-    idle = await solo_pid(mesh, reap)
+    mesh, idle = isolated
     await admin(mesh, "restart", "solo")  # idle: exits on SIGTERM within its 0.5 s
     [stopped] = named(await events(mesh), "child_stopped", "solo")
     assert stopped["outcome"] == "shutdown" and proc_stat(idle) is None
 
     busy = await solo_pid(mesh, reap, not_pid=idle)
     conversation = await submit(mesh.nc, subjects.inbox("solo"), "nap-1")
-
-    async def in_tool() -> bool:
-        return "solo-naps" in await rules(mesh)
-
-    await wait_for(in_tool, timeout=20, what="solo to be inside its slow tool")
+    await called(mesh, "solo-naps")  # solo is inside its slow tool
     await admin(mesh, "restart", "solo")  # the 2 s tool outlasts the 0.5 s shutdown
     outcomes = [e["outcome"] for e in named(await events(mesh), "child_stopped", "solo")]
     assert outcomes == ["shutdown", "killed"] and proc_stat(busy) is None
@@ -212,23 +219,17 @@ async def test_stop_is_sigterm_then_sigkill_after_the_shutdown_timeout(
     # journaled), the LLM call before it does not
     reply = await await_reply(mesh.nc, conversation, timeout=30)
     assert reply_text(reply) == "solo: slept 2.0"
-    seen = await rules(mesh)
-    assert seen.count("solo-naps") == 1 and seen.count("solo-wakes") == 1
+    assert await counts(mesh, "solo-naps", "solo-wakes") == [1, 1]
 
 
 async def test_a_killed_host_leaves_no_orphan_and_its_isolated_agent_is_rehomed(
-    start_mesh: MeshFactory, reap: list[int]
+    isolated: tuple[MeshHandle, int], reap: list[int]
 ) -> None:
-    mesh = await isolated_mesh(start_mesh)
-    first = await solo_pid(mesh, reap)
+    mesh, first = isolated
     host_b = mesh.mesh.spawn("agent-b", "services.agent", {"BEAMLINE_AGENT_HOST_ID": "host-b"})
     await wait_for(lambda: _host_seen(mesh, "host-b"), timeout=20, what="host-b to join")
     conversation = await submit(mesh.nc, subjects.inbox("solo"), "nap-2")
-
-    async def in_tool() -> bool:
-        return "solo-naps" in await rules(mesh)
-
-    await wait_for(in_tool, timeout=20, what="solo to be inside its slow tool")
+    await called(mesh, "solo-naps")  # solo is inside its slow tool
     mesh.mesh.process("agent").kill()  # kill -9 host-a, mid-task
     await wait_for(lambda: proc_stat(first) is None, timeout=5, what="solo's process to die")
 
@@ -236,8 +237,7 @@ async def test_a_killed_host_leaves_no_orphan_and_its_isolated_agent_is_rehomed(
     assert reply_text(reply) == "solo: slept 2.0"
     [moved] = named(await events(mesh), "agent_rehomed", "solo")
     assert moved["from_host"] == "host-a" and moved["to_host"] == "host-b"
-    seen = await rules(mesh)
-    assert seen.count("solo-naps") == 1 and seen.count("solo-wakes") == 1
+    assert await counts(mesh, "solo-naps", "solo-wakes") == [1, 1]
     second = await solo_pid(mesh, reap, not_pid=first)
     assert (proc_stat(second) or ("", 0))[1] == host_b.popen.pid
     assert (await row(mesh, "solo"))["host"] == "host-b"
