@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import BinaryIO
 
 from beamline import bus, config, nats_auth, streams
@@ -35,6 +36,7 @@ log = logging.getLogger("beamline.agent.solo")
 # after the child's shutdown timeout, is what bounds it (OTP's shutdown semantics).
 FINISH_IN_HAND_S = 86_400.0
 PR_SET_PDEATHSIG = 1
+OOM_SCORE_ADJ = 1000  # the most: this process goes first when memory runs out
 PARENT_POLL_S = 0.5
 CRASH_EXIT_CODE = 1
 
@@ -65,6 +67,16 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(CRASH_EXIT_CODE)
 
 
+def sacrifice_first() -> None:
+    """Ask the kernel's OOM killer to pick this process before its host (as browsers do
+    for their renderer processes): a memory blow-up in the agent's code then ends this
+    agent, not the host and every agent in it. Raising one's own score needs no privilege."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n")
+    except OSError:  # not Linux, or /proc read-only: the OOM killer still prefers the biggest
+        log.info("oom_score_adj not set", exc_info=True)
+
+
 async def watch_parent(parent_pid: int) -> None:
     while True:
         if os.getppid() != parent_pid:
@@ -88,6 +100,7 @@ async def main(stop: asyncio.Event) -> int:
     solo = SoloSettings()  # type: ignore[call-arg]  # every field comes from the environment
     mesh, settings = MeshSettings(), AgentHostSettings()
     die_with_parent(solo.parent_pid)
+    sacrifice_first()
     pipe = Pipe()
     deployment = config.load(mesh.config)
     deployment.check_tools()
