@@ -82,16 +82,16 @@ class Host:
 
     async def assign(self, shards: Iterable[int], pinned: Iterable[str] = ()) -> None:
         """Own exactly these shards and pinned mailboxes from now on."""
-        unknown = sorted(set(pinned) - self.pinned_names)
+        wanted = set(pinned)
+        unknown = sorted(wanted - self.pinned_names)
         if unknown:
             raise CallerError(
                 f"not pinned agents of this deployment: {unknown}", Reason.UNKNOWN_RECIPIENT
             )
         await self._converge(self.shards, {k: Mailbox.shard(self.id, k) for k in shards})
-        pinned = set(pinned)
-        own = {a: Mailbox.pinned(self.id, a) for a in pinned if a not in self.isolated_names}
+        own = {a: Mailbox.pinned(self.id, a) for a in wanted if a not in self.isolated_names}
         await self._converge(self.pinned, own)
-        self.isolated_here = frozenset(pinned & self.isolated_names)
+        self.isolated_here = frozenset(wanted & self.isolated_names)
         # a supervised agent whose mailbox moved away runs elsewhere now (after a partition,
         # say): this stale incarnation must not keep working
         for name, agent in list(self.agents.items()):
