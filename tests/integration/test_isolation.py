@@ -119,6 +119,11 @@ async def test_an_isolated_agent_answers_from_its_own_process_and_shows_in_ps(
     assert solo["isolation"] == "process" and solo["pid"] == pid and solo["host"] == "host-a"
     assert solo["generation"] == 1 and solo["tokens"] > 0
     assert steady["isolation"] == "task" and steady.get("pid") is None
+    tree = (await admin(mesh, "tree"))["result"]
+    assert {c["agent"]: c["isolation"] for c in tree["children"]} == {
+        "steady": "task",
+        "solo": "process",
+    }
 
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "beamline"),
