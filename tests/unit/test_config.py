@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from beamline import config
+from beamline import cli, config
 from beamline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +116,14 @@ def test_the_readme_isolation_example_is_a_valid_deployment() -> None:
     section = readme.split("### Isolation: a task of its host, or a process of its own", 1)[1]
     deployment = config.parse(section.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert deployment.isolated_agents() == {"scraper"}
+
+
+def test_beamline_check_refuses_an_unsupervised_isolated_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ISOLATED.replace("children: [{agent: a}, {agent: b},", "children: [{agent: b},"))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", str(bad)])
+    assert exited.value.code == 2
+    assert "agents[0].isolation: process needs a supervisor" in capsys.readouterr().err
