@@ -47,9 +47,10 @@ async def slow(seconds: float) -> str:
 
 
 def _first_time(tool: str, key: str) -> bool:
-    """Whether `tool` sees `key` for the first time on this machine: a mark in a file
-    outlives the process the tool kills or blocks."""
-    mark = Path(tempfile.gettempdir()) / f"beamline-{tool}-{key}"
+    """Whether `tool` sees `key` for the first time: a mark in a file (under the test's
+    BEAMLINE_TEST_MARKS directory) outlives the process the tool kills or blocks."""
+    marks = Path(os.environ.get("BEAMLINE_TEST_MARKS") or tempfile.gettempdir())
+    mark = marks / f"beamline-{tool}-{key}"
     if mark.exists():
         return False
     mark.touch()

@@ -70,9 +70,12 @@ async def solo_pid(mesh: MeshHandle, reap: list[int], not_pid: int | None = None
 
 
 @pytest.fixture
-async def isolated(start_mesh: MeshFactory, reap: list[int]) -> tuple[MeshHandle, int]:
+async def isolated(
+    start_mesh: MeshFactory, reap: list[int], tmp_path: Path
+) -> tuple[MeshHandle, int]:
     """The mesh running isolated.yaml, and the pid of solo's first process once it is up."""
-    mesh: MeshHandle = await start_mesh(config=TREE, script=SCRIPT, env=FAST)
+    env = {**FAST, "BEAMLINE_TEST_MARKS": str(tmp_path)}  # the tools' marks, cleaned up
+    mesh: MeshHandle = await start_mesh(config=TREE, script=SCRIPT, env=env)
     return mesh, await solo_pid(mesh, reap)
 
 
