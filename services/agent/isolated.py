@@ -81,6 +81,7 @@ class ProcessAgent(StateClock):
     _watcher: asyncio.Task[None] | None = None
     _stopping: bool = False
     _stated_exit: str | None = None
+    _current: Envelope | None = None  # the task in hand, sent whole once
     _last_error_line: str | None = None
 
     @property
@@ -102,7 +103,8 @@ class ProcessAgent(StateClock):
 
     @property
     def current(self) -> Envelope | None:
-        return self.report.current if self.report is not None else None
+        held, report = self._current, self.report
+        return held if held is not None and report and held.id == report.current_id else None
 
     @property
     def queued(self) -> tuple[str, ...]:
@@ -249,6 +251,8 @@ class ProcessAgent(StateClock):
                 continue
             if report.exit is not None:
                 self._stated_exit = report.exit
+            if report.current is not None:
+                self._current = report.current
             if report.beat is not None:
                 self.report, self._reported_at = report, time.monotonic()
                 self._state = report.beat.state

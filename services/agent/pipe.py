@@ -31,7 +31,8 @@ class Report(BaseModel):
 
     pid: int
     beat: AgentBeat | None = None
-    current: Envelope | None = None  # the task in hand, for `beamline inspect`
+    current_id: str | None = None  # the id of the task in hand
+    current: Envelope | None = None  # that task whole, for `inspect`: only when it changes
     queued: tuple[str, ...] = ()  # ids of the tasks waiting behind it (QUEUED_SHOWN at most)
     exit: str | None = None  # "crash: ..." when the agent's code raised
 

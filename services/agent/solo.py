@@ -85,14 +85,33 @@ async def watch_parent(parent_pid: int) -> None:
         await asyncio.sleep(PARENT_POLL_S)
 
 
-def report_of(agent: Agent) -> Report:
-    current, queued = holding(agent.queue)
-    return Report(pid=os.getpid(), beat=agent.beat(), current=current, queued=queued)
+class Reporter:
+    """The agent's reports. The task in hand travels whole once, then by id: a large task
+    is not re-sent (and re-parsed by the host) at every beat; the pipe loses nothing."""
+
+    def __init__(self, agent: Agent, pipe: Pipe) -> None:
+        self.agent, self.pipe = agent, pipe
+        self._sent: str | None = None
+
+    def send(self) -> None:
+        current, queued = holding(self.agent.queue)
+        current_id = current.id if current is not None else None
+        whole = current if current_id != self._sent else None
+        self._sent = current_id
+        self.pipe.send(
+            Report(
+                pid=os.getpid(),
+                beat=self.agent.beat(),
+                current_id=current_id,
+                current=whole,
+                queued=queued,
+            )
+        )
 
 
-async def beat(agent: Agent, pipe: Pipe, interval_s: float) -> None:
+async def beat(reporter: Reporter, interval_s: float) -> None:
     while True:
-        pipe.send(report_of(agent))
+        reporter.send()
         await asyncio.sleep(interval_s)
 
 
@@ -123,13 +142,9 @@ async def main(stop: asyncio.Event) -> int:
 
     # every state change is reported at once, not only at the next beat: a tool that
     # blocks the loop right after `waiting-on-tool` must leave that state with its host
-    agent = Agent(
-        spec,
-        ctx,
-        generation=solo.generation,
-        on_exit=on_exit,
-        on_state=lambda a: pipe.send(report_of(a)),
-    )
+    agent = Agent(spec, ctx, generation=solo.generation, on_exit=on_exit)
+    reporter = Reporter(agent, pipe)
+    agent.on_state = lambda _: reporter.send()
     mailbox = MailboxConsumer(
         js,
         Mailbox.pinned(settings.host_id, agent.name),
@@ -140,7 +155,7 @@ async def main(stop: asyncio.Event) -> int:
     await mailbox.open()
     await mailbox.start()
     loops = [
-        asyncio.create_task(beat(agent, pipe, settings.heartbeat_s), name="beat"),
+        asyncio.create_task(beat(reporter, settings.heartbeat_s), name="beat"),
         asyncio.create_task(watch_parent(solo.parent_pid), name="parent"),
     ]
     for loop in loops:
@@ -156,7 +171,7 @@ async def main(stop: asyncio.Event) -> int:
         await agent.halt(FINISH_IN_HAND_S)
     for loop in loops:
         loop.cancel()
-    pipe.send(report_of(agent))
+    reporter.send()
     # close, not drain: what it did not finish stays unacknowledged for the next incarnation
     await nc.close()
     return CRASH_EXIT_CODE if died else 0

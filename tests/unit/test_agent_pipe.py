@@ -26,11 +26,12 @@ def task(prompt: str) -> Envelope:
 def test_a_report_with_the_task_in_hand_survives_the_pipe() -> None:
     current, queued = holding([Delivery(task("a")), Delivery(task("b")), Delivery(task("c"))])
     beat = AgentBeat(agent="solo", state=AgentState.WAITING_ON_TOOL, step=2, tokens=40)
-    report = Report(pid=42, beat=beat, current=current, queued=queued)
+    assert current is not None
+    report = Report(pid=42, beat=beat, current_id=current.id, current=current, queued=queued)
     line = report.line()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert read_report(line) == report
-    assert current is not None and len(queued) == 2
+    assert len(queued) == 2
 
 
 def test_what_is_not_a_report_is_refused() -> None:
