@@ -26,7 +26,9 @@ from beamline.control import (
 )
 from beamline.envelope import Envelope
 from beamline.errors import CallerError
-from services.agent.host import Host
+from services.agent.host import AnyAgent, Host
+from services.agent.isolated import ProcessAgent
+from services.agent.pipe import holding
 
 log = logging.getLogger("beamline.agent.control")
 
@@ -119,14 +121,22 @@ class Control:
         for name in names:
             agent = self.host.agent(name)
             row = {"host": self.host.id, **agent.status()}
-            if query.steps and agent.queue:
-                current = agent.queue[0].task
+            current, queued = _holding(agent)
+            if query.steps and current is not None:
                 journal = await self.host.ctx.journal.load(name, current.conversation_id)
                 row["current"] = current.model_dump(mode="json")
-                row["queued"] = [d.task.id for d in list(agent.queue)[1:]][:100]
+                row["queued"] = list(queued)
                 row["steps"] = [_step(e) for e in journal[-query.steps :]]
             rows.append(row)
         return rows
+
+
+def _holding(agent: AnyAgent) -> tuple[Envelope | None, tuple[str, ...]]:
+    """The task in hand and the ids queued behind it: from the queue of an agent in this
+    host, from the latest report of an isolated one."""
+    if isinstance(agent, ProcessAgent):
+        return agent.current, agent.queued
+    return holding(agent.queue)
 
 
 def _step(entry: Envelope) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Agents that a supervisor names run only between its `start` and `stop`; their me
 wait in their queue meanwhile (unacknowledged: nothing is lost). Agents no supervisor
 names run from the start, as without supervision. Mailboxes: the shards this host owns
 (all of them without a supervisor; the supervisor's assignment with one), plus one
-consumer per pinned agent (an agent with placement labels) placed here.
+consumer per pinned agent (an agent with placement labels) placed here. A process-isolated
+agent placed here is a `ProcessAgent`: its own process opens its mailbox consumer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from beamline.control import AgentState, ChildExit, HostHeartbeat, StopOutcome
 from beamline.errors import CallerError, Reason
 from beamline.ids import new_span_id
 from beamline.tree import pool_template
+from services.agent.isolated import Launch, ProcessAgent
 from services.agent.mailbox import Mailbox, MailboxAck, MailboxConsumer
 from services.agent.runner import Agent, HostContext
 from services.agent.settings import AgentHostSettings
@@ -31,6 +33,8 @@ log = logging.getLogger("beamline.agent.host")
 
 MAX_BUSY_IN_HEARTBEAT = 200
 EXIT_REPORT_TRIES = 60  # ~30 s of retries: a supervisor failing over takes < 2 s
+
+AnyAgent = Agent | ProcessAgent
 
 
 class Host:
@@ -50,11 +54,16 @@ class Host:
         self.deployment = deployment
         self.supervised = deployment.supervised_agents()
         self.pinned_names = frozenset(deployment.pinned_agents())
+        self.isolated_names = deployment.isolated_agents()
         self.templates = frozenset(deployment.pools().values())
-        self.agents: dict[str, Agent] = {}
+        self.agents: dict[str, AnyAgent] = {}
+        launch = Launch(self.id)
         for spec in deployment.agents:
             if spec.name in self.templates:
                 continue  # a pool's template never runs; its members do
+            if spec.name in self.isolated_names:  # always supervised (config checks it)
+                self.agents[spec.name] = ProcessAgent(spec, launch, on_exit=self._report_exit)
+                continue
             agent = Agent(spec, ctx, running=spec.name not in self.supervised)
             if spec.name in self.supervised:
                 agent.on_exit = self._report_exit
@@ -62,6 +71,7 @@ class Host:
             self.agents[spec.name] = agent
         self.shards: dict[int, MailboxConsumer] = {}
         self.pinned: dict[str, MailboxConsumer] = {}
+        self.isolated_here: frozenset[str] = frozenset()  # their processes hold their mailboxes
         self.term = 0
         self.taking = True
         self._reports: set[asyncio.Task[None]] = set()
@@ -72,13 +82,16 @@ class Host:
 
     async def assign(self, shards: Iterable[int], pinned: Iterable[str] = ()) -> None:
         """Own exactly these shards and pinned mailboxes from now on."""
-        unknown = sorted(set(pinned) - self.pinned_names)
+        wanted = set(pinned)
+        unknown = sorted(wanted - self.pinned_names)
         if unknown:
             raise CallerError(
                 f"not pinned agents of this deployment: {unknown}", Reason.UNKNOWN_RECIPIENT
             )
         await self._converge(self.shards, {k: Mailbox.shard(self.id, k) for k in shards})
-        await self._converge(self.pinned, {a: Mailbox.pinned(self.id, a) for a in pinned})
+        own = {a: Mailbox.pinned(self.id, a) for a in wanted if a not in self.isolated_names}
+        await self._converge(self.pinned, own)
+        self.isolated_here = frozenset(wanted & self.isolated_names)
         # a supervised agent whose mailbox moved away runs elsewhere now (after a partition,
         # say): this stale incarnation must not keep working
         for name, agent in list(self.agents.items()):
@@ -87,6 +100,8 @@ class Host:
 
     def serves(self, agent: str) -> bool:
         """Whether one of this host's mailboxes feeds `agent`."""
+        if agent in self.isolated_names:
+            return agent in self.isolated_here
         if agent in self.pinned_names:
             return agent in self.pinned
         return subjects.shard_of(agent, self.total_shards) in self.shards
@@ -139,7 +154,7 @@ class Host:
             )
         self.term = term
 
-    def recipient(self, name: str) -> Agent | None:
+    def recipient(self, name: str) -> AnyAgent | None:
         """The agent a mailbox message is for. A pool member not started here yet gets a
         stopped one, whose queue holds the message until its supervisor starts it."""
         agent = self.agents.get(name)
@@ -151,7 +166,7 @@ class Host:
             self.agents[name] = agent
         return agent
 
-    def agent(self, name: str) -> Agent:
+    def agent(self, name: str) -> AnyAgent:
         agent = self.recipient(name)
         if agent is None:
             raise CallerError(f"no agent named {name!r} is declared", Reason.UNKNOWN_RECIPIENT)
@@ -175,6 +190,14 @@ class Host:
 
     def start(self, names: Iterable[str], generations: Iterable[int]) -> None:
         """Start a new incarnation of each agent, in order; it inherits the queue."""
+        names = list(names)
+        elsewhere = [n for n in names if n in self.isolated_names and n not in self.isolated_here]
+        if elsewhere:  # its process would take its mailbox over from wherever it is assigned
+            raise CallerError(
+                f"agents {elsewhere} run in their own processes, which consume their mailboxes:"
+                " assign them to this host before starting them",
+                Reason.INVALID_SCHEMA,
+            )
         for name, generation in zip(names, generations, strict=True):
             old = self.agent(name)
             if old.running and old.generation == generation:
@@ -219,7 +242,7 @@ class Host:
             interval_s=interval_s,
         )
 
-    def _report_exit(self, agent: Agent, exit: str) -> None:
+    def _report_exit(self, agent: AnyAgent, exit: str) -> None:
         report = ChildExit(host=self.id, agent=agent.name, generation=agent.generation, exit=exit)
         task = asyncio.create_task(self._send_exit(report), name=f"exit:{agent.name}")
         self._reports.add(task)

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -33,10 +34,16 @@ from beamline import subjects
 from beamline.deadletter import dead_letter_msg
 from beamline.errors import CallerError, Reason
 from services.agent import intake
-from services.agent.runner import Agent, Delivery
+from services.agent.runner import Delivery
 from services.agent.settings import AgentHostSettings
 
 log = logging.getLogger("beamline.agent.mailbox")
+
+
+class Recipient(Protocol):
+    """What a mailbox hands messages to: an agent, in a host or in its own process."""
+
+    def deliver(self, delivery: Delivery) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class MailboxConsumer:
         self,
         js: JetStreamContext,
         mailbox: Mailbox,
-        agents: Callable[[str], Agent | None],
+        agents: Callable[[str], Recipient | None],
         settings: AgentHostSettings,
         max_bytes: int,
         elsewhere: Container[str] = (),

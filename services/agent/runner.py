@@ -75,12 +75,53 @@ class HostContext:
     circuits: CircuitView
     events: EventSink | None = None  # routing decisions (paused, resumed, failed over)
 
+    @classmethod
+    def open(cls, nc: NATS, settings: AgentHostSettings) -> HostContext:
+        """What every process running agents needs, its background writers started: an
+        agent host, and an isolated agent's own process."""
+        js = nc.jetstream()
+        events = EventSink(js, "agent")
+        events.start()
+        circuits = CircuitView(settings.breaker_recheck_s)
+        circuits.start(js)
+        return cls(nc, js, Journal(js), settings, circuits, events)
+
+    async def close(self) -> None:
+        await self.circuits.close()
+        if self.events is not None:
+            await self.events.close(timeout=5.0)
+
 
 ExitReport = Callable[["Agent", str], None]
+StateChange = Callable[["Agent"], None]
+
+
+class StateClock:
+    """An agent's state and when it last changed: how long it has made no progress is
+    what tells a hung agent. Shared by an agent in a host and an isolated agent's host-side
+    stand-in; `_state_changed` is the hook a state change calls."""
+
+    __slots__ = ()
+    _state: State
+    _changed_at: float
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        # empty __slots__ here keeps a host's many agents dict-free; the slotted dataclasses
+        # deriving from this declare both fields, which mypy cannot see from here
+        self._state, self._changed_at = value, time.monotonic()  # type: ignore[misc]
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        pass
 
 
 @dataclass(eq=False, slots=True)
-class Agent:
+class Agent(StateClock):
     """One incarnation of an agent. A supervised agent runs only between its supervisor's
     start and stop; a crash ends the incarnation and the next one (a new object, same
     queue) takes the message up again from the journal. An unsupervised agent always runs.
@@ -93,6 +134,7 @@ class Agent:
     running: bool = True
     generation: int = 0
     on_exit: ExitReport | None = None  # set for supervised agents: crashes are reported
+    on_state: StateChange | None = None  # an isolated agent's process tells its host at once
     processed: int = 0
     failed: int = 0
     tokens: int = 0
@@ -109,13 +151,9 @@ class Agent:
     def __post_init__(self) -> None:
         self.name = self.name or self.spec.name
 
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @state.setter
-    def state(self, value: State) -> None:
-        self._state, self._changed_at = value, time.monotonic()
+    def _state_changed(self) -> None:
+        if self.on_state is not None:
+            self.on_state(self)
 
     @property
     def busy(self) -> bool:
@@ -177,7 +215,12 @@ class Agent:
     def status(self) -> dict[str, Any]:
         providers = [c.provider for c in self.spec.models]
         breakers = self.ctx.circuits.states(providers)
-        return {"role": self.spec.role, **self.beat().model_dump(), "breakers": breakers}
+        return {
+            "role": self.spec.role,
+            **self.beat().model_dump(),
+            "breakers": breakers,
+            "isolation": "task",
+        }
 
     async def halt(self, timeout: float | None) -> StopOutcome:
         """Stop working (the supervisor's stop): finish the message in hand within `timeout`

@@ -7,15 +7,12 @@ import logging
 from typing import Any
 
 from beamline import bus, config, nats_auth, streams
-from beamline.events import EventSink
 from beamline.nats_auth import Role
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
-from services.agent.circuits import CircuitView
 from services.agent.control import Control
 from services.agent.dispatch import Dispatcher
 from services.agent.host import Host
-from services.agent.journal import Journal
 from services.agent.runner import HostContext
 from services.agent.settings import AgentHostSettings
 
@@ -31,13 +28,8 @@ async def main(stop: asyncio.Event) -> None:
     nc = await bus.connect(mesh.nats_url, f"agent-host:{settings.host_id}")
     js = nc.jetstream()
     await streams.require_layout(js, nats_auth.USES[Role.AGENT], mesh.layout_wait_s)
-    events = EventSink(js, "agent")
-    events.start()
-    circuits = CircuitView(settings.breaker_recheck_s)
-    circuits.start(js)
-    ctx = HostContext(
-        nc=nc, js=js, journal=Journal(js), settings=settings, circuits=circuits, events=events
-    )
+    ctx = HostContext.open(nc, settings)
+    circuits = ctx.circuits
     host = Host(ctx, deployment, settings, mesh.max_message_bytes, mesh.mailbox_shards)
     dispatcher = Dispatcher(js, deployment.agents, mesh.max_message_bytes)
     await dispatcher.open()
@@ -82,8 +74,7 @@ async def main(stop: asyncio.Event) -> None:
         await mailbox.stop_taking()
     await asyncio.gather(*(a.stop(timeout=10) for a in host.agents.values()))
     keeper.cancel()
-    await circuits.close()
-    await events.close(timeout=5.0)
+    await ctx.close()
     await control.close()
     await health.unsubscribe()
     await nc.drain()

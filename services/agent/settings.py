@@ -67,5 +67,17 @@ class AgentHostSettings(BaseSettings):
         return wanted
 
 
+class SoloSettings(BaseSettings):
+    """What an isolated agent's process is told by the host that starts it
+    (`BEAMLINE_SOLO_*`); the rest it inherits: the mesh's and the host's own settings,
+    `BEAMLINE_AGENT_HOST_ID` included, so it consumes the mailbox the host was assigned."""
+
+    model_config = SettingsConfigDict(env_prefix="BEAMLINE_SOLO_", extra="ignore")
+
+    agent: str = Field(description="The agent this process runs.")
+    generation: int = Field(ge=0, description="The incarnation the supervisor started.")
+    parent_pid: int = Field(gt=0, description="The host's pid: this process dies with it.")
+
+
 def _token(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", text)[:128]

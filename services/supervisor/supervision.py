@@ -157,7 +157,8 @@ class Supervision:
         roots = [name for name in self.specs if name not in self.parent]
         self.root: str | None = roots[0] if roots else None
         self._shards_of: dict[str, int] = {}
-        self.need = deployment.pinned_agents()
+        self.need = deployment.pinned_agents()  # isolated agents too: placed the same way
+        self.isolated = deployment.isolated_agents()
         self.hosts = HostTable(settings.heartbeat_misses)
         self.states: dict[str, SupervisorState] = {}  # the supervisors that are up
         self.generations: dict[str, int] = {}
@@ -715,6 +716,7 @@ class Supervision:
             "generation": self.generations.get(cid, 0),
             "restarts": self.restarts.get(cid, 0),
             "host": self._host_of(cid),
+            "isolation": "process" if cid in self.isolated else "task",
         }
 
     def tree(self) -> dict[str, Any]:

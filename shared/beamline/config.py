@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,15 @@ class ModelChoice(Strict):
     model: str
 
 
+class Isolation(StrEnum):
+    """Where an agent's code runs. `task`: an asyncio task of its host, next to thousands of
+    others (density). `process`: an OS process of its own, started and watched by its host,
+    so a segfault, `os._exit`, a memory blow-up or a blocking tool ends only that agent."""
+
+    TASK = "task"
+    PROCESS = "process"
+
+
 class AgentSpec(Strict):
     name: str
     role: str
@@ -54,6 +64,9 @@ class AgentSpec(Strict):
     output: Literal["text", "json"] = "text"
     budget: Budget | None = Field(
         default=None, description="What this agent may spend (beamline.budget)."
+    )
+    isolation: Isolation = Field(
+        default=Isolation.TASK, description="task (share the host process) or process."
     )
 
     @model_validator(mode="after")
@@ -95,6 +108,7 @@ class Deployment(Strict):
                     )
         check_tree(self.supervisors, {a.name: a.role for a in self.agents}, self.hosts)
         self._check_prices()
+        self._check_isolation()
         return self
 
     def _check_prices(self) -> None:
@@ -152,6 +166,27 @@ class Deployment(Strict):
         """Whether a call by `agent` must be reserved: some account on its chain has a budget."""
         return any(a.budget is not None for a in self.budget_chain(agent))
 
+    def _check_isolation(self) -> None:
+        """A process-isolated agent is placed like a pinned agent (its own mailbox consumer,
+        opened by its own process on the host the supervisor picks), so it needs a supervisor
+        to place, start and restart it; and it cannot be a pool template: pool members live
+        in the hosts' hash shards, and a process per member would defeat a pool's density."""
+        supervised = self.supervised_agents()
+        templates = set(self.pools().values())
+        for i, agent in enumerate(self.agents):
+            if agent.isolation is not Isolation.PROCESS:
+                continue
+            if agent.name in templates:
+                raise ValueError(
+                    f"agents[{i}].isolation: {agent.name!r} is a simple_one_for_one pool's "
+                    "template; pool members share their hosts' processes (isolation: task)"
+                )
+            if agent.name not in supervised:
+                raise ValueError(
+                    f"agents[{i}].isolation: process needs a supervisor to place and restart "
+                    f"{agent.name!r}; name it as a child of one, or use isolation: task"
+                )
+
     def agent(self, name: str) -> AgentSpec | None:
         return next((a for a in self.agents if a.name == name), None)
 
@@ -160,14 +195,20 @@ class Deployment(Strict):
         return frozenset(c.agent for s in self.supervisors for c in s.children if c.agent)
 
     def pinned_agents(self) -> dict[str, dict[str, str]]:
-        """Agents with placement labels -> the labels: each gets its own mailbox consumer,
-        on a host the supervisor picks, instead of living in a hash shard."""
+        """Agents with placement labels, and process-isolated agents -> the labels they need
+        (none: any host): each gets its own mailbox consumer, on a host the supervisor
+        picks, instead of living in a hash shard."""
+        isolated = self.isolated_agents()
         return {
             c.agent: c.placement
             for s in self.supervisors
             for c in s.children
-            if c.agent and c.placement
+            if c.agent and (c.placement or c.agent in isolated)
         }
+
+    def isolated_agents(self) -> frozenset[str]:
+        """Agents that run as an OS process of their own (`isolation: process`)."""
+        return frozenset(a.name for a in self.agents if a.isolation is Isolation.PROCESS)
 
     def pools(self) -> dict[str, str]:
         """simple_one_for_one supervisors -> the agent their members instantiate."""

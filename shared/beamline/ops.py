@@ -53,6 +53,7 @@ PS_COLUMNS = (
     ("STEP", "step"),
     ("TOKENS", "tokens"),
     ("HEARTBEAT", "heartbeat_age_s"),
+    ("PID", "pid"),  # an isolated agent's own process; "-" for one sharing its host's
 )
 
 
@@ -106,9 +107,10 @@ def render_tree(node: dict[str, Any], prefix: str = "", last: bool = True, top: 
             for i, child in enumerate(children)
         ]
         return "\n".join(lines)
+    own = ", own process" if node.get("isolation") == "process" else ""
     return (
-        f"{prefix}{branch}{node['agent']} [{node['supervised']}] on {node.get('host') or '-'}, "
-        f"generation {node['generation']}, {node['restarts']} restarts ({node['restart']})"
+        f"{prefix}{branch}{node['agent']} [{node['supervised']}] on {node.get('host') or '-'}"
+        f"{own}, generation {node['generation']}, {node['restarts']} restarts ({node['restart']})"
     )
 
 

@@ -71,22 +71,25 @@ def crash_on_error(task: asyncio.Task[Any]) -> None:
 
 
 def run(
-    service: str, main: Callable[[asyncio.Event], Awaitable[None]], level: str = "INFO"
+    service: str, main: Callable[[asyncio.Event], Awaitable[int | None]], level: str = "INFO"
 ) -> None:
-    """Run `main` until SIGTERM/SIGINT; exit 2 with the reason on a configuration error."""
+    """Run `main` until SIGTERM/SIGINT; exit 2 with the reason on a configuration error,
+    else with the code `main` returns (None: 0)."""
     logsetup.setup(service, level)
 
-    async def runner() -> None:
+    async def runner() -> int | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        return await main(stop)
 
     try:
-        asyncio.run(runner())
+        code = asyncio.run(runner())
     except ConfigError as exc:
         logger.error("configuration rejected", extra={"service": service, "error": str(exc)})
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
-    logger.info("stopped", extra={"service": service})
+    logger.info("stopped", extra={"service": service, "exit_code": code or 0})
+    if code:
+        sys.exit(code)

@@ -67,7 +67,8 @@ def mailbox_consumer(shard: int) -> str:
 
 
 def pinned_consumer(agent: str) -> str:
-    """The own mailbox consumer of an agent with placement labels (not in a shard)."""
+    """The own mailbox consumer of an agent with placement labels or `isolation: process`
+    (not in a shard)."""
     return f"agent-{token(agent, 'agent')}"
 
 

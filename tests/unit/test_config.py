@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from beamline import config
+from beamline import cli, config
 from beamline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,3 +73,70 @@ def test_the_readme_failover_snippet_declares_an_ordered_choice_list() -> None:
     )
     (agent,) = config.parse(providers + snippet).agents
     assert [c.provider for c in agent.models] == ["openai", "anthropic"]
+
+
+ISOLATED = """
+providers:
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+agents:
+  - {name: a, role: r, models: [{provider: p, model: m}], isolation: process}
+  - {name: b, role: r, models: [{provider: p, model: m}]}
+  - {name: c, role: r, models: [{provider: p, model: m}]}
+supervisors:
+  - name: root
+    strategy: one_for_one
+    children: [{agent: a}, {agent: b}, {supervisor: pool}]
+  - name: pool
+    strategy: simple_one_for_one
+    children: [{agent: c}]
+"""
+
+
+def test_a_process_isolated_agent_is_placed_like_a_pinned_agent() -> None:
+    deployment = config.parse(ISOLATED)
+    assert deployment.agent("a").isolation is config.Isolation.PROCESS  # type: ignore[union-attr]
+    assert deployment.agent("b").isolation is config.Isolation.TASK  # type: ignore[union-attr]
+    assert deployment.isolated_agents() == {"a"}
+    assert deployment.pinned_agents() == {"a": {}}  # no labels needed: any live host
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            ISOLATED.replace("isolation: process}", "isolation: thread}"),
+            "agents[0].isolation: Input should be 'task' or 'process'",
+        ),
+        (
+            ISOLATED.replace("children: [{agent: a}, {agent: b},", "children: [{agent: b},"),
+            "agents[0].isolation: process needs a supervisor to place and restart 'a'",
+        ),
+        (
+            ISOLATED.replace("children: [{agent: c}]", "children: [{agent: a}]").replace(
+                "[{agent: a}, {agent: b},", "[{agent: b},"
+            ),
+            "agents[0].isolation: 'a' is a simple_one_for_one pool's template",
+        ),
+    ],
+)
+def test_bad_isolation_is_rejected_naming_the_reason(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.parse(text)
+
+
+def test_the_readme_isolation_example_is_a_valid_deployment() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Isolation: a task of its host, or a process of its own", 1)[1]
+    deployment = config.parse(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert deployment.isolated_agents() == {"scraper"}
+
+
+def test_beamline_check_refuses_an_unsupervised_isolated_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ISOLATED.replace("children: [{agent: a}, {agent: b},", "children: [{agent: b},"))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", str(bad)])
+    assert exited.value.code == 2
+    assert "agents[0].isolation: process needs a supervisor" in capsys.readouterr().err
