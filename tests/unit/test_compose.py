@@ -723,25 +723,6 @@ def test_the_schema_is_kept_with_its_licence() -> None:
     assert "Apache License" in (SCHEMA.parent / "compose-spec.LICENSE").read_text()
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        command_problems,
-        variable_problems,
-        deployment_problems,
-        volume_problems,
-        port_problems,
-        health_problems,
-        nats_user_problems,
-        clickhouse_user_problems,
-        lifecycle_problems,
-        grafana_problems,
-    ],
-)
-def test_the_compose_file_is_consistent(check: Callable[[Compose], list[str]]) -> None:
-    assert check(load_compose()) == []
-
-
 CHECKS: list[Callable[[Compose], list[str]]] = [
     command_problems,
     variable_problems,
@@ -754,6 +735,11 @@ CHECKS: list[Callable[[Compose], list[str]]] = [
     lifecycle_problems,
     grafana_problems,
 ]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_the_compose_file_is_consistent(check: Callable[[Compose], list[str]]) -> None:
+    assert check(load_compose()) == []
 
 
 def test_the_cluster_override_validates_alone_and_merged() -> None:
