@@ -12,6 +12,7 @@ from nats.js.api import StreamConfig
 
 from beamline import bus, subjects
 from beamline.envelope import Envelope, Kind, TaskPayload
+from bench import local_nats
 
 AGENTS = 200
 
@@ -29,10 +30,7 @@ SCRIPT = 'default: {text: "ok: {last_user}"}\n'
 
 
 def write_inputs(work: Path) -> tuple[Path, Path]:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "bench.yaml").write_text(CONFIG)
-    (work / "script.yaml").write_text(SCRIPT)
-    return work / "bench.yaml", work / "script.yaml"
+    return local_nats.write_inputs(work, "bench", CONFIG, SCRIPT)
 
 
 def task(i: int) -> Envelope:

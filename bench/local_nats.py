@@ -53,3 +53,11 @@ async def local_mesh(
             await nc.close()
     finally:
         mesh.stop()
+
+
+def write_inputs(work: Path, name: str, config: str, script: str) -> tuple[Path, Path]:
+    """A bench's deployment file and fakellm script in `work`: (config, script)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{name}.yaml").write_text(config)
+    (work / "script.yaml").write_text(script)
+    return work / f"{name}.yaml", work / "script.yaml"

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from beamline import client, ops, subjects
+from bench import local_nats
 
 CONFIG = """
 version: 1
@@ -38,10 +39,7 @@ START_CHUNK = 10_000  # members per start_child request (the request's limit)
 
 
 def write_inputs(work: Path) -> tuple[Path, Path]:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "pool.yaml").write_text(CONFIG)
-    (work / "script.yaml").write_text(SCRIPT)
-    return work / "pool.yaml", work / "script.yaml"
+    return local_nats.write_inputs(work, "pool", CONFIG, SCRIPT)
 
 
 def rss_mib(pid: int) -> float:

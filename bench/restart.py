@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from beamline import client, subjects
+from bench import local_nats
 
 CRASHES_DEFAULT = 1000
 
@@ -42,10 +43,7 @@ default: {text: "done: {last_tool_result}"}
 
 
 def write_inputs(work: Path) -> tuple[Path, Path]:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "restart.yaml").write_text(CONFIG)
-    (work / "script.yaml").write_text(SCRIPT)
-    return work / "restart.yaml", work / "script.yaml"
+    return local_nats.write_inputs(work, "restart", CONFIG, SCRIPT)
 
 
 def percentiles(name: str, samples_ms: list[float]) -> dict[str, float]:
