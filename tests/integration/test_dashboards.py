@@ -148,11 +148,13 @@ async def record_a_demo_run(
     )
     tasks = [("research", "what about restarts?"), ("analysis", "what does it cost?")]
     tasks += [("writing", "describe Beamline"), ("flaky", "429 please"), ("flaky", "500 now")]
-    tasks += [("flaky", "500 again")]
     conversations = {}
     for role, prompt in tasks:
         conversations[role] = await client.submit(mesh.nc, subjects.task(role), prompt)
         await client.await_reply(mesh.nc, conversations[role], timeout=30)
+    # the second failure opens flaky's breaker: its only provider, so the agent pauses with
+    # the task in hand (no reply until a trial call succeeds)
+    await client.submit(mesh.nc, subjects.task("flaky"), "500 again")
     await mesh.js.publish("bl.task.research", b'{"prompt": "unterminated')  # a dead letter
     decisions = await publish_supervision(mesh)
 
@@ -161,12 +163,13 @@ async def record_a_demo_run(
             mesh.nc,
             "SELECT countIf(kind = 'dead_letter'), countIf(kind = 'reply'), "
             "countIf(kind = 'error'), countIf(subject LIKE '%breaker_opened'), "
+            "countIf(subject LIKE '%agent_paused'), "
             "(SELECT uniqExact(SpanId) FROM otel_traces WHERE ServiceName = 'beamline-supervisor') "
             "FROM bl_messages FINAL",
         )
-        dead, replies, errors, breaker, decision_spans = result.rows[0]
+        dead, replies, errors, breaker, paused, decision_spans = result.rows[0]
         return bool(
-            dead >= 1 and replies >= 3 and errors >= 3 and breaker >= 1
+            dead >= 1 and replies >= 3 and errors >= 2 and breaker >= 1 and paused >= 1
             and decision_spans >= decisions
         )  # fmt: skip
 
