@@ -247,22 +247,28 @@ class BudgetService:
                 deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
             ),
         )
-        while True:
-            try:
-                msgs = await sub.fetch(self.settings.fetch_batch, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            except Exception as exc:  # NATS reconnecting: the events wait in the stream
-                self.last_error = f"fetching call events: {exc!r}"
-                log.warning("call events not fetched; retrying", extra={"error": repr(exc)})
-                await asyncio.sleep(1.0)
-                continue
-            async with self._lock:
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self.settings.fetch_batch, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                except Exception as exc:  # NATS reconnecting: the events wait in the stream
+                    self.last_error = f"fetching call events: {exc!r}"
+                    log.warning("call events not fetched; retrying", extra={"error": repr(exc)})
+                    await asyncio.sleep(1.0)
+                    continue
+                async with self._lock:
+                    for msg in msgs:
+                        self._apply(msg)
+                    await self._save()
                 for msg in msgs:
-                    self._apply(msg)
-                await self._save()
-            for msg in msgs:
-                await msg.ack()
+                    await msg.ack()
+        finally:
+            # a pull subscription left open with a fetch outstanding holds drain() for its
+            # whole timeout at shutdown
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def _apply(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
