@@ -3,7 +3,7 @@
 Prints a table and writes bench/results/latest.json. Sized for a 2-core machine.
 
 `python -m bench NAME...` runs only the benches named (e2e, restart, recorder,
-trace_lookup, recorder_lag, density, rehome) and updates their figures in latest.json,
+trace_lookup, recorder_lag, density, rehome, guard_overhead) and updates their figures in latest.json,
 keeping the others.
 """
 
@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from beamline import bus
-from bench import density, e2e, pool, recorder, recorder_lag, rehome, restart
+from bench import density, e2e, guard_overhead, pool, recorder, recorder_lag, rehome, restart
 from bench.local_nats import local_mesh, local_nats
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 E2E_TASKS = int(os.environ.get("BENCH_E2E_TASKS", "3000"))
 RECORDER_ROWS = int(os.environ.get("BENCH_RECORDER_ROWS", "100000"))
+# the supervisor's settle time between batched starts, short: the benches start many agents
+SETTLE_FAST = {"BEAMLINE_SUPERVISOR_SETTLE_S": "0.2"}
 
 
 async def bench_e2e(work: Path) -> dict[str, Any]:
@@ -101,7 +103,7 @@ async def bench_recorder_lag(work: Path) -> dict[str, Any]:
 async def bench_restart(work: Path) -> dict[str, Any]:
     config, script = restart.write_inputs(work)
     crashes = int(os.environ.get("BENCH_RESTART_CRASHES", restart.CRASHES_DEFAULT))
-    async with local_mesh(work, config, script, BEAMLINE_SUPERVISOR_SETTLE_S="0.2") as (_, nc):
+    async with local_mesh(work, config, script, SETTLE_FAST) as (_, nc):
         result = await restart.restart_ms(nc, crashes)
     result.update(await restart.asyncio_restart_ms(crashes))
     result["restart_ratio_vs_asyncio"] = round(
@@ -113,20 +115,24 @@ async def bench_restart(work: Path) -> dict[str, Any]:
 
 async def bench_density(work: Path) -> dict[str, Any]:
     config, script = pool.write_inputs(work)
-    async with local_mesh(work, config, script, BEAMLINE_SUPERVISOR_SETTLE_S="0.2") as (m, nc):
+    async with local_mesh(work, config, script, SETTLE_FAST) as (m, nc):
         return await density.density(m, nc)
 
 
 async def bench_rehome(work: Path) -> dict[str, Any]:
     config, script = pool.write_inputs(work)
     env = {
-        "BEAMLINE_SUPERVISOR_SETTLE_S": "0.2",
+        **SETTLE_FAST,
         "BEAMLINE_AGENT_HOST_ID": "host-a",
         # host-b joins as a spare: rebalancing would hand it half of host-a's agents first
         "BEAMLINE_SUPERVISOR_REBALANCE_ON_JOIN": "false",
     }
-    async with local_mesh(work, config, script, **env) as (m, nc):
+    async with local_mesh(work, config, script, env) as (m, nc):
         return await rehome.host_loss(m, nc)
+
+
+async def bench_guard_overhead(work: Path) -> dict[str, Any]:
+    return await guard_overhead.guard_overhead(work, E2E_TASKS)
 
 
 BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
@@ -137,6 +143,7 @@ BENCHES: dict[str, Callable[[Path], Awaitable[dict[str, Any]]]] = {
     "recorder_lag": bench_recorder_lag,
     "density": bench_density,
     "rehome": bench_rehome,
+    "guard_overhead": bench_guard_overhead,
 }
 
 

@@ -33,17 +33,19 @@ def write_inputs(work: Path) -> tuple[Path, Path]:
     return local_nats.write_inputs(work, "bench", CONFIG, SCRIPT)
 
 
-def task(i: int) -> Envelope:
+def task(i: int, prefix: str = "bench") -> Envelope:
     return Envelope(
         kind=Kind.TASK,
         sender="bench",
         recipient="bench",
-        conversation_id=f"bench-{i}",
+        conversation_id=f"{prefix}-{i}",
         payload=TaskPayload(prompt=f"task number {i}"),
     )
 
 
-async def e2e_tasks_per_s(nc: NATS, count: int) -> dict[str, Any]:
+async def e2e_tasks_per_s(nc: NATS, count: int, prefix: str = "bench") -> dict[str, Any]:
+    """`count` tasks, each a conversation of its own (`prefix`-i), published at once; the
+    rate is tasks over the time until every one is answered."""
     js = nc.jetstream()
     done = asyncio.Event()
     replies = 0
@@ -55,7 +57,7 @@ async def e2e_tasks_per_s(nc: NATS, count: int) -> dict[str, Any]:
             done.set()
 
     sub = await nc.subscribe(subjects.REPLIES_ALL, cb=on_reply)
-    envelopes = [task(i) for i in range(count)]
+    envelopes = [task(i, prefix) for i in range(count)]
     started = time.perf_counter()
     for chunk in range(0, count, 500):
         await asyncio.gather(

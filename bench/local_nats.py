@@ -33,15 +33,21 @@ async def local_nats(work: Path) -> AsyncIterator[tuple[NatsServer, NATS]]:
 
 @asynccontextmanager
 async def local_mesh(
-    work: Path, config: Path, script: Path, **env: str
+    work: Path,
+    config: Path,
+    script: Path,
+    env: dict[str, str] | None = None,
+    guards: bool = True,
 ) -> AsyncIterator[tuple[Mesh, NATS]]:
-    """The embedded mesh on free ports, with `config` and a fakellm playing `script`."""
+    """The embedded mesh on free ports, with `config` and a fakellm playing `script`;
+    without the guard services if not `guards`."""
     options = RuntimeOptions(
+        guards=guards,
         nats_port=free_port(),
         monitor_port=free_port(),
         fakellm_port=free_port(),
         fakellm_script=script,
-        extra_env={"BEAMLINE_LOG_LEVEL": "WARNING", **env},
+        extra_env={"BEAMLINE_LOG_LEVEL": "WARNING", **(env or {})},
     )
     mesh = Mesh(MeshSettings(data_dir=work / "mesh", config=config), options)
     await mesh.start()

@@ -9,7 +9,17 @@ import os
 import shutil
 from pathlib import Path
 
-from beamline import bus, client, config, demo_supervision, query, reads, subjects, traceview
+from beamline import (
+    bus,
+    client,
+    config,
+    demo_guards,
+    demo_supervision,
+    query,
+    reads,
+    subjects,
+    traceview,
+)
 from beamline.polling import wait_for
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
@@ -58,6 +68,7 @@ async def run(options: RuntimeOptions, data_dir: Path) -> int:
             print(f"\nExplore it again with: beamline trace {first}")
             if config.load(settings.config, mesh.env()).supervisors:
                 failed += await demo_supervision.run(mesh, nc)
+                failed += await demo_guards.run(nc)
         finally:
             await nc.close()
     finally:

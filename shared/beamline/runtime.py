@@ -26,6 +26,8 @@ log = logging.getLogger("beamline.runtime")
 # start order; stopped in reverse. The budget service before the gateway: a budgeted
 # agent's call is refused while no budget service answers.
 SERVICES = ("recorder", "budget", "gateway", "supervisor", "agent")
+# the services that only guard (RuntimeOptions.guards=False leaves them out)
+GUARD_SERVICES = ("budget",)
 
 
 @dataclass
@@ -38,6 +40,9 @@ class RuntimeOptions:
     stop_timeout_s: float = 15.0
     ready_timeout_s: float = 60.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # False: no guard service runs (the guard_overhead bench's baseline; a deployment that
+    # declares budgets then has every budgeted call refused)
+    guards: bool = True
     # a running NATS to use instead of starting one (set from BEAMLINE_NATS_URL by the CLI)
     external_nats_url: str | None = None
 
@@ -81,6 +86,8 @@ class Mesh:
             if self.options.fakellm:
                 await self._start_fakellm()
             for service in SERVICES:
+                if service in GUARD_SERVICES and not self.options.guards:
+                    continue
                 for name, extra in self._instances(service):
                     self.extra_env[name] = extra
                     self.processes.append(

@@ -348,7 +348,7 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
             proc.kill()
     text = out.decode()
     assert proc.returncode == 0, text
-    assert text.count("← ") == 5 and "error [" not in text
+    assert text.count("← ") == 12 and text.count("error [") == 1, text  # the budget's refusal
     assert "tool search_notes" in text and "reply:" in text  # the printed trace
     # an agent killed mid-task: rest_for_one restarts it and its later sibling
     assert "analysis restarted ['researcher', 'analyst']" in text, text
@@ -357,6 +357,12 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
     assert "writer re-homed" not in text, text
     # both conversations resumed from the journal, no LLM call made twice
     assert text.count("0 LLM calls repeated") == 2, text
+    # the guards: a failing provider's traffic moves over and back
+    assert "scout: failed over fakellm-eu -> fakellm" in text, text
+    assert "scout: failed back fakellm -> fakellm-eu" in text, text
+    # an overspending subtree stopped before the call that would overspend, 4 drafts kept
+    assert "drafts's budget is spent" in text and "error [budget_exhausted]" in text, text
+    assert "partial results kept: 4 drafts answered" in text, text
 
 
 @needs_local_nats

@@ -1,0 +1,74 @@
+"""guard_overhead_pct: mesh throughput with every guard running vs with none, same run.
+
+The same 200 supervised agents take the same tasks twice, each time on a fresh mesh:
+- none: no budgets, no loop guard, and the guard services not started;
+- guards: a token budget on every agent and on their supervisor (so every LLM call takes a
+  reservation checked against the agent and its subtree, settled from the gateway's usage
+  event), the loop guard watching every journaled step, the context-pressure check before
+  every call, and the gateway's breakers (always on).
+The overhead is 1 - guards/none, in percent; target <= 15 %. The two alternate, ROUNDS
+times each, and each keeps its best round: other work on the machine slows one round, not
+the configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import e2e, local_nats
+from bench.local_nats import local_mesh
+
+AGENTS = 200
+ROUNDS = 2
+TARGET_PCT = 15.0
+BUDGET = "budget: {tokens: 1000000000000}"
+
+
+def config(guards: bool) -> str:
+    agent_budget = f", {BUDGET}" if guards else ""
+    return (
+        """
+version: 1
+providers:
+  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30}
+agents:
+"""
+        + "".join(
+            f"  - {{name: a{i}, role: bench, models: [{{provider: fakellm, model: m}}]"
+            f"{agent_budget}}}\n"
+            for i in range(AGENTS)
+        )
+        + f"""
+supervisors:
+  - name: root
+    strategy: one_for_one
+    intensity: 1000
+    period: 5
+    {BUDGET if guards else ""}
+    children:
+"""
+        + "".join(f"      - {{agent: a{i}}}\n" for i in range(AGENTS))
+    )
+
+
+async def throughput(work: Path, guards: bool, tasks: int, round_no: int) -> float:
+    name = f"{'guards' if guards else 'none'}-{round_no}"
+    cfg, script = local_nats.write_inputs(work / name, "bench", config(guards), e2e.SCRIPT)
+    async with local_mesh(work / name, cfg, script, guards=guards) as (_, nc):
+        await e2e.e2e_tasks_per_s(nc, 200, prefix=name + "-warm")  # imports, connections
+        result = await e2e.e2e_tasks_per_s(nc, tasks, prefix=name)
+    return float(result["e2e_tasks_per_s"])
+
+
+async def guard_overhead(work: Path, tasks: int) -> dict[str, Any]:
+    none, guarded = 0.0, 0.0
+    for round_no in range(ROUNDS):
+        none = max(none, await throughput(work, False, tasks, round_no))
+        guarded = max(guarded, await throughput(work, True, tasks, round_no))
+    return {
+        "guard_none_tasks_per_s": none,
+        "guard_all_tasks_per_s": guarded,
+        "guard_overhead_pct": round((1 - guarded / none) * 100, 1),
+        "guard_overhead_target": f"<= {TARGET_PCT:.0f} %",
+    }

@@ -1,0 +1,111 @@
+"""The guards act of `beamline demo`: each guard acting on a scripted failure, with the
+events that show it printed as they are published and the ids to trace.
+
+- a provider failing: its breaker opens and the scout's calls fail over to the second
+  provider, then fail back once a trial call succeeds;
+- an overspending subtree: the `drafts` supervisor's budget runs out, the subtree is
+  stopped before the call that would overspend, and its partial results are listed;
+- a looping agent: corrected with an addendum to its system prompt, then escalated to a
+  human (the demo answers as the human);
+- a long conversation: summarised before it overflows its model's context window.
+
+What fakellm answers is in infra/examples/fakellm-demo.yaml (the rules named scout-*,
+drafter-*, looper-*, archivist-*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from beamline import budget_ops, client, subjects
+from beamline.envelope import Envelope
+
+SHOWN = {
+    "breaker_opened": "gateway: breaker of {provider} opened",
+    "breaker_half_opened": "gateway: breaker of {provider} half-open: the next call is a trial",
+    "breaker_closed": "gateway: breaker of {provider} closed",
+    "agent_failed_over": "{agent}: failed over {from} -> {provider} ({reason})",
+    "agent_failed_back": "{agent}: failed back {from} -> {provider} ({reason})",
+    "budget_exhausted": "supervisor: {child}'s budget is spent ({spent_usd} USD, "
+    "{spent_tokens} tokens): stopping its subtree",
+    "child_removed": "supervisor: {child} stays stopped under {supervisor} ({reason})",
+}
+SCOUT_PROMPTS = ("Scout the market for agent runtimes.", "Scout again, an hour later.")
+DRAFTS = tuple(f"Draft section {i} of the launch post." for i in range(1, 7))
+
+
+async def watch(nc: NATS) -> Subscription:
+    """Print each guard event worth seeing, as it is published."""
+
+    async def show(msg: Msg) -> None:
+        payload = json.loads(msg.data)["payload"]
+        line = SHOWN.get(payload["name"])
+        if line is not None:
+            print(f"   {line.format_map(_Lenient(payload['data']))}")
+
+    return await nc.subscribe(subjects.EVENTS_ALL, cb=show)
+
+
+async def run(nc: NATS) -> int:
+    """Every scenario; the number that did not end as scripted."""
+    events = await watch(nc)
+    try:
+        failed = await failover(nc)
+        failed += await budget(nc)
+    finally:
+        await events.unsubscribe()
+    return failed
+
+
+async def failover(nc: NATS) -> int:
+    print("\nA provider failing (fakellm-eu answers 503): the scout fails over, then back")
+    first = await _ask(nc, "scouting", SCOUT_PROMPTS[0])
+    await asyncio.sleep(3.2)  # fakellm-eu's breaker_reset_s: the breaker half-opens
+    second = await _ask(nc, "scouting", SCOUT_PROMPTS[1])
+    return int(first is None or second is None)
+
+
+async def budget(nc: NATS) -> int:
+    print("\nAn overspending subtree: the drafts team has a budget of 0.002 USD")
+    answered: list[str] = []
+    refused = None
+    for prompt in DRAFTS:
+        reply = await _ask(nc, "drafting", prompt, quiet_error=True)
+        if reply is None:
+            refused = prompt
+            break
+        answered.append(reply.conversation_id)
+    if refused is None:
+        print("   the budget was never spent: no subtree stopped")
+        return 1
+    account = (await budget_ops.show(nc, "drafts"))["accounts"]
+    print(textwrap.indent(budget_ops.render(account), "   "))
+    print(
+        f"   partial results kept: {len(answered)} drafts answered before the stop; "
+        f"each is in its journal: beamline trace {answered[0]}"
+    )
+    return 0
+
+
+async def _ask(nc: NATS, role: str, prompt: str, quiet_error: bool = False) -> Envelope | None:
+    """The reply, or None (printed) when the task ended in an error."""
+    conversation = await client.submit(nc, subjects.task(role), prompt)
+    print(f"→ {role}: {prompt}")
+    reply = await client.await_reply(nc, conversation, timeout=60)
+    if reply.kind.value == "reply":
+        print(f"← {role} ({reply.sender}): {client.reply_text(reply)}   [{conversation}]")
+        return reply
+    print(f"← {role}: refused: {client.reply_text(reply)}   [{conversation}]")
+    return None
+
+
+class _Lenient(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
