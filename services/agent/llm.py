@@ -18,6 +18,7 @@ _TRANSIENT = {
     Reason.RATE_LIMITED,
     Reason.PROVIDER_BAD_RESPONSE,
     Reason.BUDGET_UNAVAILABLE,  # the budget service is down: no call was made, try later
+    Reason.BUDGET_HELD,  # calls in flight hold the budget: it fits once they settle
 }
 _REPLY_MAX_BYTES = 4 * 1024 * 1024
 

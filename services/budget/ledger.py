@@ -4,6 +4,9 @@ Each call is charged to a chain of accounts (the agent's, then each ancestor sup
 Before the call, `reserve` holds its estimate on every account of the chain, and refuses
 when any of them cannot cover it on top of what is spent and already held: concurrent calls
 can never together pass a limit, and a call can overspend only by its own estimate's error.
+A call that the spend alone leaves room for is only deferred (retried by its agent) while
+holds of calls in flight are in the way: estimates are upper bounds, and the subtree is
+stopped only when what it really spent leaves no room.
 `settle` replaces the hold with the actual usage; `release` drops it (the call failed, so
 the provider did not bill it); `expire` charges a hold never settled at its estimate: a
 gateway that died mid-call may well have been billed, and spend must never be lost. A late
@@ -105,6 +108,24 @@ class Refused:
         )
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """The call fits the account's budget on what is spent, but not on top of what calls in
+    flight hold: it must wait for them to settle (usually below their estimates), not stop
+    the subtree. Nothing is held and nothing is recorded as exhausted."""
+
+    account: str
+    held: Spend
+    needed: Spend
+
+    def explain(self) -> str:
+        return (
+            f"budget of {self.account} is held by calls in flight ({self.held.tokens} tokens, "
+            f"${self.held.usd:.6f}); this call (up to {self.needed.tokens} tokens, "
+            f"${self.needed.usd:.6f}) fits once they settle: retry shortly"
+        )
+
+
 class LedgerError(ValueError):
     """An operator's request the ledger refuses (e.g. lowering a budget)."""
 
@@ -148,7 +169,7 @@ class Ledger:
         price: Price | None,
         now: float,
         ttl_s: float,
-    ) -> Granted | Refused:
+    ) -> Granted | Refused | Deferred:
         known = self.record.holds.get(request.request_id)
         if known is not None:
             return Granted(known, again=True)
@@ -156,19 +177,20 @@ class Ledger:
         usd = price.cost(request.input_tokens, request.output_tokens) if price else 0.0
         needed = Spend(tokens=tokens, usd=usd)
         short: Refused | None = None
+        busy: Deferred | None = None
         for account in chain:  # the outermost short account is the subtree to stop
             limit = self.limit(account)
             if limit is None:
                 continue
             spent, held = self.spent(account.key), self.held(account.key)
-            over_tokens = limit.tokens is not None and spent.tokens + held.tokens + tokens > (
-                limit.tokens
-            )
-            over_usd = (
-                limit.usd is not None and spent.usd + held.usd + usd > limit.usd + USD_EPSILON
-            )
-            if over_tokens or over_usd:
+            if _over(limit, spent, needed):
                 short = Refused(account.key, limit, spent, held, needed, False)
+            elif _over(
+                limit, Spend(tokens=spent.tokens + held.tokens, usd=spent.usd + held.usd), needed
+            ):
+                busy = Deferred(account.key, held, needed)
+        if short is None and busy is not None:
+            return busy
         if short is not None:
             newly = short.account not in self.record.exhausted
             if newly:
@@ -320,3 +342,10 @@ class Ledger:
         )
         while len(convs) > CONVERSATIONS_PER_AGENT:
             del convs[next(iter(convs))]
+
+
+def _over(limit: Budget, base: Spend, needed: Spend) -> bool:
+    """Whether `needed` on top of `base` passes either of the limit's bounds."""
+    over_tokens = limit.tokens is not None and base.tokens + needed.tokens > limit.tokens
+    over_usd = limit.usd is not None and base.usd + needed.usd > limit.usd + USD_EPSILON
+    return over_tokens or over_usd

@@ -46,7 +46,7 @@ from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
-from services.budget.ledger import Granted, Ledger, LedgerError, Refused
+from services.budget.ledger import Deferred, Granted, Ledger, LedgerError, Refused
 from services.budget.settings import BudgetSettings
 from services.budget.store import LedgerConflict, LedgerStore
 
@@ -89,7 +89,14 @@ class BudgetService:
         self._wake = asyncio.Event()
         self._subs: list[Subscription] = []
         self._loops: list[asyncio.Task[None]] = []
-        self.counts = {"granted": 0, "refused": 0, "settled": 0, "released": 0, "expired": 0}
+        self.counts = {
+            "granted": 0,
+            "deferred": 0,
+            "refused": 0,
+            "settled": 0,
+            "released": 0,
+            "expired": 0,
+        }
         self.last_error: str | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -177,7 +184,9 @@ class BudgetService:
             outcome = self.ledger.reserve(
                 request, chain, price, self.clock(), self.settings.reservation_ttl_s
             )
-            if not (isinstance(outcome, Granted) and outcome.again):
+            if not (
+                (isinstance(outcome, Granted) and outcome.again) or isinstance(outcome, Deferred)
+            ):
                 try:
                     await self._save()
                 except Exception:
@@ -188,6 +197,10 @@ class BudgetService:
         if isinstance(outcome, Granted):
             self.counts["granted"] += 1
             return BudgetReply(result={"tokens": outcome.hold.tokens, "usd": outcome.hold.usd})
+        if isinstance(outcome, Deferred):
+            self.counts["deferred"] += 1
+            log.info("reservation deferred", extra={**trace, "account": outcome.account})
+            return BudgetReply(ok=False, reason=Reason.BUDGET_HELD.value, error=outcome.explain())
         self.counts["refused"] += 1
         log.warning(
             "reservation refused; the subtree will be stopped",

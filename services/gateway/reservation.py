@@ -63,9 +63,9 @@ class Reservations:
             return self._refuse(request, Reason.BUDGET_UNAVAILABLE, why)
         if answer.ok:
             return None
-        if answer.reason == Reason.BUDGET_EXHAUSTED:
-            log.info("budget exhausted; call not made", extra=ctx(request, error=answer.error))
-            return self._refuse(request, Reason.BUDGET_EXHAUSTED, answer.error or "")
+        if answer.reason in (Reason.BUDGET_EXHAUSTED, Reason.BUDGET_HELD):
+            log.info("reservation refused; call not made", extra=ctx(request, error=answer.error))
+            return self._refuse(request, Reason(answer.reason), answer.error or "")
         # it could not persist the hold, or rejected our own request (a bug here): either
         # way the agent is not at fault, and the call is not made
         why = f"the budget service did not grant the reservation: {answer.reason}: {answer.error}"

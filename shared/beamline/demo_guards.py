@@ -15,7 +15,6 @@ drafter-*, looper-*, archivist-*).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import textwrap
 from typing import Any
@@ -24,8 +23,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from beamline import budget_ops, client, subjects
+from beamline import budget_ops, client, ops, subjects
 from beamline.envelope import Envelope
+from beamline.polling import wait_for
 
 SHOWN = {
     "breaker_opened": "gateway: breaker of {provider} opened",
@@ -67,7 +67,12 @@ async def run(nc: NATS) -> int:
 async def failover(nc: NATS) -> int:
     print("\nA provider failing (fakellm-eu answers 503): the scout fails over, then back")
     first = await _ask(nc, "scouting", SCOUT_PROMPTS[0])
-    await asyncio.sleep(3.2)  # fakellm-eu's breaker_reset_s: the breaker half-opens
+
+    async def trial_due() -> bool:  # after its breaker_reset_s, as the scout's host sees it
+        row = await ops.admin(nc, "inspect", "scout")
+        return bool(row.get("breakers", {}).get("fakellm-eu") == "half_open")
+
+    await wait_for(trial_due, timeout=30, interval=0.1, what="fakellm-eu's breaker half-open")
     second = await _ask(nc, "scouting", SCOUT_PROMPTS[1])
     return int(first is None or second is None)
 

@@ -39,6 +39,7 @@ class Reason(StrEnum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     NATS_UNAVAILABLE = "nats_unavailable"
     BUDGET_UNAVAILABLE = "budget_unavailable"  # no budget service answered: no call made
+    BUDGET_HELD = "budget_held"  # calls in flight hold the rest of the budget: retry shortly
     # delivered too often without success
     POISON = "poison"
 

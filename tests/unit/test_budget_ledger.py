@@ -14,7 +14,14 @@ from beamline.budget import (
     estimate_input_tokens,
 )
 from beamline.envelope import ChatMessage, LLMRequestPayload
-from services.budget.ledger import Granted, Ledger, LedgerError, LedgerRecord, Refused
+from services.budget.ledger import (
+    Deferred,
+    Granted,
+    Ledger,
+    LedgerError,
+    LedgerRecord,
+    Refused,
+)
 
 PRICE = Price(input=1.0, output=2.0)  # USD per million tokens
 
@@ -60,8 +67,27 @@ def test_concurrent_holds_never_pass_the_limit_together() -> None:
     assert isinstance(ledger.reserve(ask("r1"), c, None, 0, 60), Granted)
     assert isinstance(ledger.reserve(ask("r2"), c, None, 0, 60), Granted)
     third = ledger.reserve(ask("r3"), c, None, 0, 60)  # 600 > 500 with the two held
-    assert isinstance(third, Refused) and third.account == "agent:a"
-    assert third.held.tokens == 400 and third.newly_exhausted
+    assert isinstance(third, Deferred) and third.account == "agent:a"
+    assert ledger.held("agent:a").tokens == 400 and not ledger.record.exhausted
+
+
+def test_a_call_held_up_only_by_calls_in_flight_waits_for_them_and_stops_nothing() -> None:
+    ledger = Ledger()
+    c = chain(500)
+    ledger.reserve(ask("r1"), c, None, 0, 60)
+    ledger.reserve(ask("r2"), c, None, 0, 60)
+    # the spend alone (0) leaves room for 200: wait, do not stop the subtree
+    waiting = ledger.reserve(ask("r3"), c, None, 0, 60)
+    assert isinstance(waiting, Deferred) and "retry shortly" in waiting.explain()
+    ledger.settle("r1", "a", (), 100, 50, None, "c1")  # it cost 150 of its 200
+    # 150 spent + 200 held + 200 needed > 500, but the spend alone still leaves room
+    assert isinstance(ledger.reserve(ask("r3"), c, None, 0, 60), Deferred)
+    ledger.settle("r2", "a", (), 100, 50, None, "c1")
+    assert isinstance(ledger.reserve(ask("r3"), c, None, 0, 60), Granted)  # 300 + 200 <= 500
+    ledger.settle("r3", "a", (), 150, 50, None, "c1")
+    # 500 spent: 200 more can never fit, whatever settles: exhausted
+    refused = ledger.reserve(ask("r4"), c, None, 0, 60)
+    assert isinstance(refused, Refused) and refused.newly_exhausted
 
 
 def test_the_same_request_reserved_twice_is_held_once() -> None:
