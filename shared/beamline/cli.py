@@ -102,7 +102,7 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     settings = MeshSettings()
     nc = await _connect(settings)
     try:
-        result = await query.query(nc, reads.TRACE_SQL, {"id": args.id})
+        result = await query.trace(nc, args.id)
     finally:
         await nc.close()
     rows = result.dicts()

@@ -16,7 +16,6 @@ from beamline import (
     demo_guards,
     demo_supervision,
     query,
-    reads,
     subjects,
     traceview,
 )
@@ -57,7 +56,7 @@ async def run(options: RuntimeOptions, data_dir: Path) -> int:
             first = conversations[0]
 
             async def recorded() -> list[dict[str, object]] | None:
-                rows = (await query.query(nc, reads.TRACE_SQL, {"id": first})).dicts()
+                rows = (await query.trace(nc, first)).dicts()
                 return rows if any(r["kind"] == "reply" for r in rows) else None
 
             rows = await wait_for(

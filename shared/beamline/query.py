@@ -12,7 +12,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import BaseModel
 
-from beamline import subjects
+from beamline import reads, subjects
 from beamline.errors import CallerError, Reason, TransientError
 
 
@@ -48,3 +48,13 @@ async def query(
             raise TransientError(message, Reason.STORAGE_UNAVAILABLE)
         raise CallerError(message, Reason.QUERY_REJECTED)
     return QueryResult.model_validate(reply)
+
+
+async def trace(nc: NATS, key: str, timeout: float = 15.0) -> QueryResult:
+    """A trace, conversation or envelope by id (reads.TRACE_SQLS: the fast path first)."""
+    result = QueryResult(columns=[], rows=[])
+    for sql in reads.TRACE_SQLS:
+        result = await query(nc, sql, {"id": key}, timeout)
+        if result.rows:
+            break
+    return result

@@ -12,6 +12,20 @@ from beamline.rows import MESSAGES_TABLE
 # its messages (infra/clickhouse/003_messages_id_ts.sql, filled by a materialized view).
 MESSAGES_ID_TS_TABLE: Final = "bl_messages_id_ts"
 
+# The recent messages again, sorted by trace (infra/clickhouse/004_messages_by_trace.sql).
+MESSAGES_BY_TRACE_TABLE: Final = "bl_messages_by_trace"
+
+# One trace, in time order, in one read of the trace-sorted copy: what `beamline trace ID`
+# tries first (see TRACE_SQLS).
+TRACE_BY_TRACE_SQL: Final = f"""
+SELECT id, kind, sender, recipient, conversation_id, step, trace_id, span_id,
+       parent_span_id, ts, input_tokens, output_tokens, reason, payload
+FROM {MESSAGES_BY_TRACE_TABLE} FINAL
+WHERE trace_id = {{id:String}}
+ORDER BY ts, id
+LIMIT 10000
+"""
+
 # A conversation, a trace or one envelope, in time order: what `beamline trace ID` shows.
 # The id's time range comes first, from the lookup table; the primary index on ts then
 # narrows bl_messages to the granules inside it, and FINAL collapses duplicates there only.
@@ -30,6 +44,10 @@ WHERE ts BETWEEN span.1 AND span.2
 ORDER BY ts, id
 LIMIT 10000
 """
+
+# What `beamline trace ID` runs, in order, until one finds rows: a recent trace in one read;
+# a conversation, an envelope, or a trace older than the copy's retention through the range.
+TRACE_SQLS: Final = (TRACE_BY_TRACE_SQL, TRACE_SQL)
 
 # The newest `limit` messages matching every filter given, returned oldest first: what
 # `beamline logs` shows. The statement text never changes: an empty filter ('' or 0) is

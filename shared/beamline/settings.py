@@ -78,6 +78,14 @@ class RetentionSettings(BaseSettings):
         description="Days a recorded message is kept (TTL on bl_messages.ts); 0: forever. "
         "Messages are the record everything else is read from, and they compress well.",
     )
+    bl_messages_by_trace_days: int = Field(
+        default=30,
+        ge=0,
+        le=36_500,
+        description="Days a message is also kept sorted by trace (bl_messages_by_trace), "
+        "for one-read trace lookups; 0: forever. It costs about the storage of bl_messages; "
+        "older traces are still found, through bl_messages_id_ts, more slowly.",
+    )
     otel_traces_days: int = Field(
         default=30,
         ge=0,

@@ -196,11 +196,20 @@ def retention_policy(settings: RetentionSettings | None = None) -> list[Retentio
         # `beamline trace` finds a message's time range here: a row lives as long as the
         # newest message it covers (last_ts is the latest ts of its key).
         Retention("bl_messages_id_ts", "last_ts", s.bl_messages_days),
+        # a copy never outlives the record it copies
+        Retention(
+            "bl_messages_by_trace", "ts", _shorter(s.bl_messages_by_trace_days, s.bl_messages_days)
+        ),
         Retention("otel_traces", "Timestamp", s.otel_traces_days),
         # The plugin finds a trace's spans through this table: a row lives as long as the
         # last span it covers (End is the latest Timestamp of its insert block).
         Retention("otel_traces_trace_id_ts", "End", s.otel_traces_days),
     ]
+
+
+def _shorter(days: int, other: int) -> int:
+    """The shorter of two retentions in days, where 0 is forever."""
+    return min(d for d in (days, other) if d) if days or other else 0
 
 
 def migrate(

@@ -152,6 +152,30 @@ async def test_the_cli_submits_to_a_role_waits_and_prints_the_reply(
     assert "That call costs 0.00045 dollars." in out.decode()
 
 
+async def test_beamline_trace_finds_a_task_by_its_conversation_and_by_its_trace_id(
+    start_mesh: MeshFactory,
+) -> None:
+    mesh = await start_mesh()
+    conversation = await client.submit(mesh.nc, subjects.task("analysis"), "What does it cost?")
+    await client.await_reply(mesh.nc, conversation, timeout=30)
+
+    async def by_conversation() -> list[dict[str, Any]] | None:
+        code, out = await mesh.cli("trace", conversation, "--json")
+        rows: list[dict[str, Any]] = json.loads(out) if code == 0 else []
+        return rows if any(r["kind"] == "reply" for r in rows) else None
+
+    rows = await wait_for(by_conversation, timeout=20, what="the task recorded")
+    [trace_id] = {r["trace_id"] for r in rows}
+    # the trace id is found in the trace-sorted copy (one read), with the same messages
+    code, out = await mesh.cli("trace", trace_id, "--json")
+    assert code == 0, out
+    assert [r["id"] for r in json.loads(out)] == [r["id"] for r in rows]
+    fast = await query.query(mesh.nc, reads.TRACE_BY_TRACE_SQL, {"id": trace_id})
+    assert [r["id"] for r in fast.dicts()] == [r["id"] for r in rows]
+    code, out = await mesh.cli("trace", "no-such-id")
+    assert code == 1, out
+
+
 async def test_a_task_to_a_named_agent_replies_on_its_reply_to_subject(
     start_mesh: MeshFactory,
 ) -> None:

@@ -41,6 +41,7 @@ TTL = {
     "otel_traces": "TTL toDateTime(Timestamp) + toIntervalDay({})",
     "otel_traces_trace_id_ts": "TTL toDateTime(End) + toIntervalDay({})",
     "bl_messages_id_ts": "TTL toDateTime(last_ts) + toIntervalDay({})",
+    "bl_messages_by_trace": "TTL toDateTime(ts) + toIntervalDay({})",
 }
 
 
@@ -88,9 +89,10 @@ def test_migrate_applies_the_schema_once_then_nothing(tmp_path: Path) -> None:
     assert "applied 1 001_messages.sql" in first.stdout
     assert "applied 2 002_otel_traces.sql" in first.stdout
     assert "applied 3 003_messages_id_ts.sql" in first.stdout
+    assert "applied 4 004_messages_by_trace.sql" in first.stdout
     second = migrate(url)
     assert second.returncode == 0, second.stderr
-    assert "up to date (version 3); nothing applied" in second.stdout
+    assert "up to date (version 4); nothing applied" in second.stdout
     assert "applied" not in second.stdout.replace("nothing applied", "")
     assert "TTL" not in second.stdout  # the retention was set by the first run
     recorded = query(url, "SELECT version, name, checksum, applied_at > 0 FROM bl_schema_migrations FINAL ORDER BY version")  # fmt: skip
@@ -102,11 +104,11 @@ def test_migrate_applies_only_new_files_and_refuses_a_changed_one(tmp_path: Path
     shutil.copytree(ROOT / "infra/clickhouse", schema)
     url, env = f"chdb://{tmp_path / 'ch'}", {"BEAMLINE_CLICKHOUSE_SCHEMA_DIR": str(schema)}
     assert migrate(url, **env).returncode == 0
-    notes = schema / "004_notes.sql"
+    notes = schema / "005_notes.sql"
     notes.write_text("CREATE TABLE IF NOT EXISTS notes (id String) ENGINE = MergeTree ORDER BY id;")
     added = migrate(url, **env)
     assert added.returncode == 0, added.stderr
-    assert added.stdout.count("applied ") == 1 and "applied 4 004_notes.sql" in added.stdout
+    assert added.stdout.count("applied ") == 1 and "applied 5 005_notes.sql" in added.stdout
 
     # comments and layout are not what a file runs: correcting them is no change
     first = schema / "001_messages.sql"
@@ -116,10 +118,10 @@ def test_migrate_applies_only_new_files_and_refuses_a_changed_one(tmp_path: Path
     notes.write_text(notes.read_text().replace("(id String)", "(id String, text String)"))
     refused = migrate(url, **env)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "004_notes.sql changed after" in refused.stderr
+    assert "005_notes.sql changed after" in refused.stderr
     assert "new NNN_name.sql file" in refused.stderr
     assert "text" not in create_statements(url)["notes"]  # nothing was run
-    assert [v for v, in query(url, "SELECT version FROM bl_schema_migrations FINAL ORDER BY version")] == [1, 2, 3, 4]  # fmt: skip
+    assert [v for v, in query(url, "SELECT version FROM bl_schema_migrations FINAL ORDER BY version")] == [1, 2, 3, 4, 5]  # fmt: skip
 
 
 def test_retention_is_a_ttl_that_a_later_migrate_changes(tmp_path: Path) -> None:
@@ -130,6 +132,7 @@ def test_retention_is_a_ttl_that_a_later_migrate_changes(tmp_path: Path) -> None
     for table, days in [
         ("bl_messages", 90),
         ("bl_messages_id_ts", 90),
+        ("bl_messages_by_trace", 30),
         ("otel_traces", 30),
         ("otel_traces_trace_id_ts", 30),
     ]:
@@ -144,6 +147,8 @@ def test_retention_is_a_ttl_that_a_later_migrate_changes(tmp_path: Path) -> None
     tables = create_statements(url)
     assert TTL["bl_messages"].format(7) in tables["bl_messages"]
     assert TTL["bl_messages_id_ts"].format(7) in tables["bl_messages_id_ts"]
+    # the trace-sorted copy never outlives the messages it copies
+    assert TTL["bl_messages_by_trace"].format(7) in tables["bl_messages_by_trace"]
     assert " TTL " not in tables["otel_traces"] + tables["otel_traces_trace_id_ts"]
     assert "TTL" not in migrate(url, **env).stdout  # set once, not at every start
 
@@ -167,6 +172,7 @@ def test_a_table_ttl_is_read_from_its_engine_clause() -> None:
     assert [(r.table, r.ttl) for r in policy] == [
         ("bl_messages", "toDateTime(ts) + toIntervalDay(9)"),
         ("bl_messages_id_ts", "toDateTime(last_ts) + toIntervalDay(9)"),
+        ("bl_messages_by_trace", "toDateTime(ts) + toIntervalDay(9)"),
         ("otel_traces", ""),
         ("otel_traces_trace_id_ts", ""),
     ]

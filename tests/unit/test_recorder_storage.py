@@ -24,7 +24,7 @@ from beamline import bus, ids, storage
 from beamline.envelope import Envelope, Kind, ReplyPayload, TaskPayload
 from beamline.errors import CallerError, ConfigError, Reason, TransientError
 from beamline.readonly import check_readonly_sql, readonly_settings, run_readonly
-from beamline.reads import MESSAGES_ID_TS_TABLE, TRACE_SQL
+from beamline.reads import MESSAGES_ID_TS_TABLE, TRACE_BY_TRACE_SQL, TRACE_SQL
 from beamline.rows import (
     COLUMN_TYPES,
     COLUMNS,
@@ -163,12 +163,13 @@ def test_migrate_is_idempotent_and_recorded(client: storage.Client) -> None:
     assert [c[1] for c in columns][: len(COLUMNS)] == list(COLUMN_TYPES)
 
 
-def test_the_id_lookup_migration_applies_on_top_of_a_database_with_001_and_002(
+def test_the_lookup_migrations_apply_on_top_of_a_database_with_001_and_002(
     chdb_url: str, client: storage.Client, tmp_path: Path
 ) -> None:
-    """003 on a database that already holds messages: they are found through the new lookup
-    table (the backfill), later inserts through its view, and running 003 again (a crash
-    before it was recorded) changes no answer. A database of its own in the shared engine."""
+    """003 and 004 on a database that already holds messages: they are found through the new
+    lookup table and the trace-sorted copy (the backfills), later inserts through their
+    views, and running either again (a crash before it was recorded) changes no answer. A
+    database of its own in the shared engine."""
     older = tmp_path / "schema"
     older.mkdir()
     for m in storage.migrations():
@@ -184,7 +185,10 @@ def test_the_id_lookup_migration_applies_on_top_of_a_database_with_001_and_002(
         insert_rows(c, before)
 
         upgraded = storage.migrate(c)
-        assert [m.name for m in upgraded.applied] == ["003_messages_id_ts.sql"]
+        assert [m.name for m in upgraded.applied] == [
+            "003_messages_id_ts.sql",
+            "004_messages_by_trace.sql",
+        ]
         policy = {r.table: r for r in storage.retention_policy()}
         assert policy[MESSAGES_ID_TS_TABLE].days == policy["bl_messages"].days
         engine = c.query(
@@ -194,19 +198,36 @@ def test_the_id_lookup_migration_applies_on_top_of_a_database_with_001_and_002(
         ).result_rows[0][0]
         assert storage.table_ttl(engine) == policy[MESSAGES_ID_TS_TABLE].ttl
 
-        def found(key: str) -> list[str]:
-            return [r[0] for r in c.query(TRACE_SQL, parameters={"id": key}).result_rows]
+        def found(key: str, sql: str = TRACE_SQL) -> list[str]:
+            return [r[0] for r in c.query(sql, parameters={"id": key}).result_rows]
+
+        def trace_of(conversation: str) -> str:
+            return str(
+                c.query(
+                    "SELECT any(trace_id) FROM bl_messages WHERE conversation_id = {c:String}",
+                    parameters={"c": conversation},
+                ).result_rows[0][0]
+            )
+
+        def answers() -> list[list[str]]:
+            traces = [trace_of("conv-before-003"), trace_of("conv-after-003")]
+            return [
+                found("conv-before-003"),
+                found("conv-after-003"),
+                *(found(t, TRACE_BY_TRACE_SQL) for t in traces),
+            ]
 
         assert found("conv-before-003") == [r[0] for r in before]
         after = rows_for("conv-after-003", 2)
         insert_rows(c, after)
-        assert found("conv-after-003") == [r[0] for r in after]
+        want = [[r[0] for r in before], [r[0] for r in after]] * 2
+        assert answers() == want
 
-        third = next(m for m in storage.migrations() if m.version == 3)
-        for statement in split_statements(third.sql):
-            c.command(statement)
-        assert found("conv-before-003") == [r[0] for r in before]
-        assert found("conv-after-003") == [r[0] for r in after]
+        for version in (3, 4):
+            again = next(m for m in storage.migrations() if m.version == version)
+            for statement in split_statements(again.sql):
+                c.command(statement)
+        assert answers() == want
         assert storage.migrate(c).applied == []
     finally:
         c.close()
@@ -473,6 +494,7 @@ def test_hostile_values_are_only_values(
     conversation = f"conv-hostile-{ids.uuid7()}"
     insert_rows(client, rows_for(conversation, 2))
     assert run_readonly(ro, TRACE_SQL, {"id": hostile}).rows == []
+    assert run_readonly(ro, TRACE_BY_TRACE_SQL, {"id": hostile}).rows == []
     answer = run_readonly(
         ro, "SELECT id FROM bl_messages WHERE conversation_id = {c:String}", {"c": hostile}
     )
