@@ -235,3 +235,12 @@ def test_known_windows_cover_dated_snapshots_and_aliases_but_not_unknown_names()
     assert known_window("gpt-5-mini") == 400_000 and known_window("o1-mini") == 128_000
     assert known_window("fakellm") == 128_000
     assert known_window("m") is None and known_window("gpt-4omni") is None
+
+
+def test_the_readme_context_pressure_example_is_a_valid_deployment() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Context pressure: long conversations fit", 1)[1]
+    deployment = config.parse(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    (reader,) = deployment.agents
+    assert [c.context_window for c in reader.models] == [32_000, 16_000]
+    assert reader.context == config.ContextPolicy(threshold=0.8, keep_turns=4)
