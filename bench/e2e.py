@@ -19,7 +19,8 @@ AGENTS = 200
 CONFIG = """
 version: 1
 providers:
-  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30}
+  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30,
+            context_window: 128000}
 agents:
 """ + "".join(
     f"  - {{name: a{i}, role: bench, models: [{{provider: fakellm, model: m}}]}}\n"

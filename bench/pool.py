@@ -19,7 +19,8 @@ from bench import local_nats
 CONFIG = """
 version: 1
 providers:
-  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30}
+  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30,
+            context_window: 128000}
 agents:
   - {name: idle, role: idle, system_prompt: idle, models: [{provider: fakellm, model: m}]}
 supervisors:

@@ -24,7 +24,8 @@ CONFIG = """
 version: 1
 tools_modules: [bench.crash_tools]
 providers:
-  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30}
+  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30,
+            context_window: 128000}
 agents:
   - {name: crasher, role: crash, system_prompt: crasher, models: [{provider: fakellm, model: m}], tools: [crash_once]}
 supervisors:

@@ -21,6 +21,7 @@ from nats.js.client import JetStreamContext
 
 from beamline import bus, subjects
 from beamline import log as logctx
+from beamline.budget import estimate_tokens
 from beamline.config import AgentSpec, ModelChoice
 from beamline.control import AgentBeat, StopOutcome
 from beamline.control import AgentState as State
@@ -34,6 +35,7 @@ from beamline.envelope import (
     TaskPayload,
     ToolCall,
     ToolResultPayload,
+    ToolSpec,
 )
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
 from beamline.events import EventSink
@@ -43,7 +45,9 @@ from services.agent import conversation as conv
 from services.agent import failover, llm
 from services.agent.circuits import CircuitView
 from services.agent.journal import Journal
+from services.agent.pressure import WindowKeeper, WindowReset
 from services.agent.settings import AgentHostSettings
+from services.agent.window import Limits
 
 log = logging.getLogger("beamline.agent")
 
@@ -121,7 +125,7 @@ class StateClock:
 
 
 @dataclass(eq=False, slots=True)
-class Agent(StateClock):
+class Agent(StateClock, WindowKeeper):
     """One incarnation of an agent. A supervised agent runs only between its supervisor's
     start and stop; a crash ends the incarnation and the next one (a new object, same
     queue) takes the message up again from the journal. An unsupervised agent always runs.
@@ -267,8 +271,8 @@ class Agent(StateClock):
             delivery = self.queue[0]
             try:
                 await self._handle(delivery)
-            except AgentCrashed as crash:
-                self._die(str(crash))
+            except (AgentCrashed, WindowReset) as end:
+                self._die(str(end))
                 return
             except Exception:  # even the failure path failed (NATS gone): redelivery will retry
                 log.exception(
@@ -304,7 +308,7 @@ class Agent(StateClock):
                 if attempts > self.ctx.settings.transient_retries:
                     await self._fail(task, reason, f"gave up after {attempts} tries: {exc!r}")
                     break
-                delay = _backoff(attempts, self.ctx.settings)
+                delay = self._retry_delay(attempts)
                 log.warning(
                     "transient failure; retrying",
                     extra=logctx.ctx(
@@ -319,6 +323,8 @@ class Agent(StateClock):
             except CallerError as exc:
                 await self._fail(task, exc.reason, str(exc))
                 break
+            except WindowReset:  # not a crash: the incarnation ends on purpose
+                raise
             except Exception as exc:  # a bug: retry a little, then dead-letter as poison
                 bugs += 1
                 self.last_error = repr(exc)
@@ -342,13 +348,18 @@ class Agent(StateClock):
         while True:
             # read the journal afresh each step: the cache may have swapped the list
             journal = await self.ctx.journal.load(self.name, task.conversation_id)
-            action = conv.next_action(self.spec, journal, task.id, self.name)
+            limits = self._limits()
+            action = conv.next_action(self.spec, journal, task.id, self.name, limits)
             match action:
                 case conv.Done(outcome=outcome):
                     await self._publish_outcome(task, outcome)
                     return
                 case conv.CallLLM():
                     await self._call_llm(task, journal, action)
+                case conv.Summarise():
+                    await self._summarise(task, journal, action)
+                case conv.ResetWindow():
+                    await self._reset_window(task, action)
                 case conv.RunTools(calls=calls, after=after):
                     for call in calls:
                         await self._run_tool(call, after)
@@ -369,6 +380,37 @@ class Agent(StateClock):
     ) -> None:
         self.step = action.index + 1
         messages = conv.chat_messages(self.spec, journal)
+        tokens = estimate_tokens(messages, self._tools()) + self.spec.max_tokens
+        threshold = self.spec.context.threshold
+
+        def fits(choice: ModelChoice) -> bool:
+            window = choice.context_window
+            return window is None or tokens <= Limits(window).budget(threshold)
+
+        response = await self._send(
+            task, lambda choice: self._request(task, action, choice, messages), fits
+        )
+        if response is None:  # failed over to a smaller window: shorten first (next step)
+            log.info(
+                "routed to a model whose context window the call does not fit; shortening",
+                extra=logctx.ctx(task, agent=self.name, tokens=tokens),
+            )
+            return
+        self._count(response)
+        # The request travels on core NATS and is not recorded (it carries the whole history).
+        # The journaled response stands for the LLM call: see _llm_entry.
+        entry = self._llm_entry(task, response, derived_id("llm_response", action.request_id))
+        await self.ctx.journal.append(self.name, entry)
+
+    async def _send(
+        self,
+        task: Envelope,
+        build: Callable[[ModelChoice], Envelope],
+        fits: Callable[[ModelChoice], bool] | None = None,
+    ) -> Envelope | None:
+        """One LLM call through the gateway, on the route the breakers allow: failed over,
+        failed back, or paused until a provider takes it. The `llm_response`, or None when
+        the route's model cannot take the request (`fits`), sent nowhere."""
         while True:
             route = self.ctx.circuits.route(self.spec.models)
             # what this route changes (failed over or back) is reported once a call on it
@@ -379,7 +421,9 @@ class Agent(StateClock):
             if isinstance(route, failover.Pause):
                 await self._paused(task, route, moved)
                 continue
-            request = self._request(task, action, route.choice, messages)
+            if fits is not None and not fits(route.choice):
+                return None
+            request = build(route.choice)
             if self.paused_on is None:
                 self.state = State.WAITING_ON_LLM
             sent_at = self.ctx.circuits.now()
@@ -396,22 +440,43 @@ class Agent(StateClock):
                 continue
             self.ctx.circuits.succeeded(route.provider)
             self._routed(task, route.provider, moved)
-            break
-        self.state = State.RUNNING
+            self.state = State.RUNNING
+            return response
+
+    def _count(self, response: Envelope) -> None:
         if response.usage:
             self.tokens += response.usage.total
-        entry = response.model_copy(
-            # The request travels on core NATS and is not recorded (it carries the whole
-            # history). The journaled response stands for the LLM call: it takes the request's
-            # span, under the task, so the gateway's events about the call nest beneath it.
+
+    def _llm_entry(
+        self, task: Envelope, response: Envelope, entry_id: str, **update: Any
+    ) -> Envelope:
+        """The journal entry that stands for an LLM call: it takes the request's span,
+        under the task, so the gateway's events about the call nest beneath it."""
+        return response.model_copy(
             update={
-                "id": derived_id("llm_response", action.request_id),
+                "id": entry_id,
                 "recipient": self.name,
                 "span_id": response.parent_span_id or response.span_id,
                 "parent_span_id": task.span_id,
+                **update,
             }
         )
-        await self.ctx.journal.append(self.name, entry)
+
+    def _retry_delay(self, attempt: int) -> float:
+        return _backoff(attempt, self.ctx.settings)
+
+    def _tools(self) -> tuple[ToolSpec, ...]:
+        return tuple(get_tool(t).spec for t in self.spec.tools)
+
+    def _limits(self) -> Limits | None:
+        """The context window the next call must fit: that of the model it is routed to
+        (the preferred one while paused); None when the spec knows no window (an agent
+        built outside a deployment, which fills windows in)."""
+        route = self.ctx.circuits.route(self.spec.models)
+        choice = route.choice if isinstance(route, failover.Use) else self.spec.models[0]
+        if choice.context_window is None:
+            return None
+        return Limits(choice.context_window, self._tools())
 
     def _request(
         self,
@@ -427,7 +492,7 @@ class Agent(StateClock):
                 provider=choice.provider,
                 model=choice.model,
                 messages=messages,
-                tools=tuple(get_tool(t).spec for t in self.spec.tools),
+                tools=self._tools(),
                 max_tokens=self.spec.max_tokens,
                 json_output=self.spec.output == "json",
             ),

@@ -9,7 +9,8 @@ Spans (`beamline.spans`) go into otel_traces in the same write, after the messag
 before the caller acks: built from the batch's rows before the drop (an attempt that stored
 the messages but not the spans is completed by the retry), without the span ids already
 stored (looked up for redelivered rows and for task outcomes, which arrive from two streams),
-with a token of their own. Only llm_response, tool_result, reply and error rows give spans.
+with a token of their own. Only llm_response, summary, tool_result, reply and error rows
+give spans.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ class ExitReason(StrEnum):
     # the subtree's budget cannot cover its next call: stopped, and not restarted, since a
     # restart cannot cure it (raising the budget and `beamline restart` do)
     BUDGET_EXHAUSTED = "budget_exhausted"
+    # the agent's context window was reset (its fresh window is journaled): an abnormal
+    # exit, restarted as after a crash and counted against the intensity, so an agent that
+    # keeps overflowing is bounded like any other; the next incarnation starts afresh
+    CONTEXT_OVERFLOW = "context_overflow"
     CRASH = "crash"  # anything else
 
 
@@ -29,8 +33,14 @@ class Exit:
 
     @classmethod
     def parse(cls, text: str) -> Exit:
-        """`normal`, `shutdown`, `shutdown:<term>`, `budget_exhausted`; else a crash."""
-        if text in (ExitReason.NORMAL, ExitReason.SHUTDOWN, ExitReason.BUDGET_EXHAUSTED):
+        """`normal`, `shutdown`, `shutdown:<term>`, `budget_exhausted`,
+        `context_overflow`; else a crash."""
+        if text in (
+            ExitReason.NORMAL,
+            ExitReason.SHUTDOWN,
+            ExitReason.BUDGET_EXHAUSTED,
+            ExitReason.CONTEXT_OVERFLOW,
+        ):
             return cls(ExitReason(text))
         if text.startswith("shutdown:"):
             return cls(ExitReason.SHUTDOWN_TERM, text.removeprefix("shutdown:"))
@@ -39,8 +49,8 @@ class Exit:
     @property
     def is_normal(self) -> bool:
         """normal, shutdown, {shutdown, Term} or budget_exhausted: not a crash; a transient
-        child that exits so stays down."""
-        return self.reason is not ExitReason.CRASH
+        child that exits so stays down. A crash or context_overflow is abnormal."""
+        return self.reason not in (ExitReason.CRASH, ExitReason.CONTEXT_OVERFLOW)
 
     def __str__(self) -> str:
         if self.reason is ExitReason.SHUTDOWN_TERM:

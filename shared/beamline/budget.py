@@ -21,12 +21,13 @@ named `agent:<name>` and `supervisor:<name>` so an agent and a supervisor may sh
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from beamline.envelope import LLMRequestPayload
+from beamline.envelope import ChatMessage, LLMRequestPayload, ToolSpec
 
 MILLION = 1_000_000
 # Per message, providers add a few tokens of framing (role, separators) to the text's own.
@@ -97,12 +98,18 @@ def account_key(kind: AccountKind, name: str) -> str:
 def estimate_input_tokens(payload: LLMRequestPayload) -> int:
     """An upper estimate of a request's input tokens from its size, without a tokenizer:
     every character of text, tool calls and tool specs, plus framing per message."""
+    return estimate_tokens(payload.messages, payload.tools)
+
+
+def estimate_tokens(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+    """`estimate_input_tokens` of a request made of these messages and tools: the one
+    estimate shared by budget reservations and the agents' context windows."""
     chars = 0
-    for message in payload.messages:
+    for message in messages:
         chars += len(message.content or "")
         chars += sum(len(c.name) + len(c.arguments) for c in message.tool_calls)
-    chars += sum(len(t.name) + len(t.description) + len(str(t.parameters)) for t in payload.tools)
-    framing = MESSAGE_OVERHEAD_TOKENS * len(payload.messages)
+    chars += sum(len(t.name) + len(t.description) + len(str(t.parameters)) for t in tools)
+    framing = MESSAGE_OVERHEAD_TOKENS * len(messages)
     return math.ceil(chars / CHARS_PER_TOKEN) + framing
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from beamline.budget import Account, AccountKind, Budget, Price
 from beamline.errors import ConfigError
 from beamline.ids import is_token
+from beamline.model_windows import known_window
 from beamline.tools import import_tool_modules, registered
 from beamline.tree import Host, Strategy, SupervisorSpec, check_tree, pool_template
 
@@ -37,11 +38,32 @@ class Provider(Strict):
     max_attempts: int = Field(default=4, ge=1, le=10)
     breaker_fail_max: int = Field(default=5, ge=1)
     breaker_reset_s: float = Field(default=30.0, gt=0)
+    context_window: int | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens (input + output) of any of its models not in the built-in table "
+        "(beamline.model_windows): for a self-hosted server's models, say.",
+    )
 
 
 class ModelChoice(Strict):
     provider: str
     model: str
+    context_window: int | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens (input + output) the model takes. Default: the built-in table, "
+        "then the provider's context_window; a deployment fills it in when it loads.",
+    )
+
+
+class ContextPolicy(Strict):
+    """When an agent's conversation is shortened for its model's context window: a request
+    estimated above `threshold` x the window has its older turns summarised, keeping the
+    latest `keep_turns` turns (and the current task's prompt) as they are."""
+
+    threshold: float = Field(default=0.8, gt=0, lt=1)
+    keep_turns: int = Field(default=4, ge=1)
 
 
 class Isolation(StrEnum):
@@ -67,6 +89,9 @@ class AgentSpec(Strict):
     )
     isolation: Isolation = Field(
         default=Isolation.TASK, description="task (share the host process) or process."
+    )
+    context: ContextPolicy = Field(
+        default_factory=ContextPolicy, description="Context pressure: when to summarise."
     )
 
     @model_validator(mode="after")
@@ -109,7 +134,38 @@ class Deployment(Strict):
         check_tree(self.supervisors, {a.name: a.role for a in self.agents}, self.hosts)
         self._check_prices()
         self._check_isolation()
+        # frozen models: the resolved windows are set once, here, while validating
+        object.__setattr__(
+            self, "agents", tuple(self._with_windows(i, a) for i, a in enumerate(self.agents))
+        )
         return self
+
+    def _with_windows(self, i: int, agent: AgentSpec) -> AgentSpec:
+        """The agent with every model choice's context window filled in: its own, else the
+        built-in table's, else its provider's. An agent must know each of its windows (a
+        call may fail over to any of them), and each must leave its answer room under the
+        threshold."""
+        choices = []
+        for j, choice in enumerate(agent.models):
+            window = (
+                choice.context_window
+                or known_window(choice.model)
+                or self.providers[choice.provider].context_window
+            )
+            if window is None:
+                raise ValueError(
+                    f"agents[{i}].models[{j}].context_window: no context window is known for "
+                    f"model {choice.model!r}: give `context_window: <tokens>` on this model "
+                    f"choice, or on provider {choice.provider!r} for all its models"
+                )
+            if window * agent.context.threshold <= agent.max_tokens:
+                raise ValueError(
+                    f"agents[{i}].models[{j}].context_window: {window} tokens x threshold "
+                    f"{agent.context.threshold} leave no room for max_tokens {agent.max_tokens}: "
+                    "raise the window or the threshold, or lower max_tokens"
+                )
+            choices.append(choice.model_copy(update={"context_window": window}))
+        return agent.model_copy(update={"models": tuple(choices)})
 
     def _check_prices(self) -> None:
         """Every model in the price table is one some agent uses (a typo would otherwise

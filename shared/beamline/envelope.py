@@ -25,6 +25,7 @@ class Kind(StrEnum):
     LLM_REQUEST = "llm_request"
     LLM_RESPONSE = "llm_response"
     TOOL_RESULT = "tool_result"
+    SUMMARY = "summary"
     EVENT = "event"
     DEAD_LETTER = "dead_letter"
 
@@ -119,6 +120,29 @@ class ToolResultPayload(Frozen):
     duration_ms: float = 0.0
 
 
+class SummaryPayload(Frozen):
+    """What the LLM sees in place of an agent's journal up to entry `through`, whose entries
+    stay journaled and recorded: a summary the model wrote, or, with `fresh_window`, the
+    seed of a fresh window after a context reset (from the latest summary, or the latest
+    turns as text). Token counts are the request estimates before and after it."""
+
+    kind: Literal["summary"] = "summary"
+    text: str
+    through: str  # the id of the last journal entry it stands for
+    tokens_before: int = Field(ge=0)
+    tokens_after: int = Field(ge=0)
+    window: int = Field(gt=0)  # the context window of the model it was made for
+    threshold: float = Field(gt=0, lt=1)
+    fresh_window: bool = False
+    # the summarising LLM call (none for a fresh window's seed): as in LLMResponsePayload
+    request_id: str | None = None
+    provider: str = ""
+    model: str = ""
+    finish_reason: str | None = None
+    latency_ms: float = 0.0
+    attempts: int = 1
+
+
 class EventPayload(Frozen):
     kind: Literal["event"] = "event"
     name: str  # past tense: breaker_opened, task_dead_lettered, ...
@@ -141,6 +165,7 @@ Payload = Annotated[
     | LLMRequestPayload
     | LLMResponsePayload
     | ToolResultPayload
+    | SummaryPayload
     | EventPayload
     | DeadLetterPayload,
     Field(discriminator="kind"),

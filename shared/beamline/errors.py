@@ -27,6 +27,9 @@ class Reason(StrEnum):
     MAX_STEPS = "max_steps_exceeded"
     TOOL_FAILED = "tool_failed"
     BUDGET_EXHAUSTED = "budget_exhausted"  # a reservation refused: the subtree is stopped
+    # a conversation that does not fit its model's context window even when reset to a
+    # fresh window (the task fails); also the exit of an agent whose window is reset
+    CONTEXT_OVERFLOW = "context_overflow"
     # the world's fault
     PROVIDER_TIMEOUT = "provider_timeout"
     PROVIDER_ERROR = "provider_error"

@@ -11,6 +11,10 @@ The span model is the one the agent already writes (nothing is added to the enve
 - `chat {model}`, one per `llm_response`. Its `span_id` is the LLM call's span and its
   parent the task's span; start = ts - latency_ms. SpanKind Client, service
   `beamline-gateway`, `gen_ai.*` attributes of the OpenTelemetry GenAI conventions.
+- `chat {model}` too, one per `summary` written by an LLM call (context pressure: an agent
+  summarising its older turns), with `beamline.context.*` attributes: the request
+  estimates before and after, the window and threshold. A fresh window's seed (no LLM call)
+  gives no span.
 - `execute_tool {name}`, one per `tool_result`, a child of the `llm_response` that asked for
   it; start = ts - duration_ms. Status Error when `error_reason` is set. Service
   `beamline-agent`.
@@ -85,7 +89,7 @@ TRACE_ID, SPAN_ID, SPAN_NAME = _COL["TraceId"], _COL["SpanId"], _COL["SpanName"]
 
 # The kinds that end in a span, and supervisor events (by subject); every other row costs a
 # set lookup.
-SOURCE_KINDS: Final = frozenset({"llm_response", "tool_result", "reply", "error"})
+SOURCE_KINDS: Final = frozenset({"llm_response", "summary", "tool_result", "reply", "error"})
 # subjects.event("supervisor", <event>): the supervisor's decisions
 SUPERVISOR_EVENTS: Final = f"{subjects.PREFIX}.events.supervisor."
 # Decisions that mean supervision failed at this supervisor; the others are its normal work.
@@ -223,6 +227,8 @@ def span_row(row: Sequence[Any], tasks: Mapping[str, TaskStart]) -> list[Any] | 
         payload = _payload(row)
         if kind == "llm_response":
             return _chat(row, payload)
+        if kind == "summary":
+            return _summary_chat(row, payload)
         if kind == "tool_result":
             return _tool(row, payload)
         if kind == "event":
@@ -327,6 +333,18 @@ def _chat(row: Sequence[Any], payload: dict[str, Any]) -> list[Any]:
         service=SERVICE_GATEWAY,
         attributes=attrs,
     )
+
+
+def _summary_chat(row: Sequence[Any], payload: dict[str, Any]) -> list[Any] | None:
+    """A summary's LLM call as a chat span like any other, saying what it shortened."""
+    if not _text(payload.get("request_id")):
+        return None  # a fresh window's seed: no LLM call was made
+    span = _chat(row, payload)
+    attrs = span[_COL["SpanAttributes"]]
+    attrs["beamline.context.summary"] = "true"
+    for key in ("tokens_before", "tokens_after", "window", "threshold"):
+        attrs[f"beamline.context.{key}"] = _attribute(payload.get(key))
+    return span
 
 
 def _tool(row: Sequence[Any], payload: dict[str, Any]) -> list[Any]:

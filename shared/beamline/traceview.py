@@ -27,6 +27,14 @@ def summary(row: dict[str, Any]) -> str:
             f"llm {p.get('provider')}/{p.get('model')} {p.get('latency_ms', 0):.0f} ms, "
             f"{tokens}, attempts {p.get('attempts', 1)}: {what}"
         )
+    if kind == "summary":
+        tokens = f"{p.get('tokens_before')} -> {p.get('tokens_after')} of {p.get('window')} tokens"
+        if p.get("fresh_window"):
+            return f"fresh window ({tokens}): {_short(p.get('text'))}"
+        return (
+            f"summary by {p.get('provider')}/{p.get('model')} {p.get('latency_ms', 0):.0f} ms "
+            f"({tokens}): {_short(p.get('text'))}"
+        )
     if kind == "tool_result":
         err = f" [{p['error_reason']}]" if p.get("error_reason") else ""
         return f"tool {p.get('name')}{err} {p.get('duration_ms', 0):.1f} ms -> {_short(p.get('result'))}"

@@ -36,7 +36,7 @@ version: 1
 tools_modules: [probe_tools]
 providers:
   fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", api_key_env: FAKELLM_API_KEY,
-            timeout_s: 10, max_attempts: 2}
+            timeout_s: 10, max_attempts: 2, context_window: 128000}
 agents:
   - {name: prober, role: probe, system_prompt: "You are prober.",
      models: [{provider: fakellm, model: m1}], tools: [remember]}
@@ -303,7 +303,7 @@ HANG_CONFIG = """
 version: 1
 providers:
   slow: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 0.5,
-         max_attempts: 1, breaker_fail_max: 2, breaker_reset_s: 60}
+         max_attempts: 1, breaker_fail_max: 2, breaker_reset_s: 60, context_window: 128000}
 agents:
   - {name: waiter, role: wait, models: [{provider: slow, model: m}]}
 """

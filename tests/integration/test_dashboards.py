@@ -41,7 +41,7 @@ providers:
   fakellm-anthropic: {kind: anthropic, base_url: "${BEAMLINE_FAKELLM_URL}/v1",
                       api_key_env: FAKELLM_API_KEY}
   flaky: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", api_key_env: FAKELLM_API_KEY,
-          max_attempts: 1, breaker_fail_max: 2, breaker_reset_s: 60}
+          max_attempts: 1, breaker_fail_max: 2, breaker_reset_s: 60, context_window: 128000}
 agents:
   - {name: researcher, role: research, system_prompt: "You are the team's researcher.",
      models: [{provider: fakellm, model: gpt-4o-mini}], tools: [search_notes]}

@@ -23,8 +23,8 @@ TWO_PROVIDERS = """
 version: 1
 providers:
   primary: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", max_attempts: 1,
-            breaker_fail_max: 2, breaker_reset_s: 6}
-  backup: {kind: openai, base_url: "${BACKUP_URL}/v1", max_attempts: 1}
+            breaker_fail_max: 2, breaker_reset_s: 6, context_window: 128000}
+  backup: {kind: openai, base_url: "${BACKUP_URL}/v1", max_attempts: 1, context_window: 128000}
 agents:
   - {name: switcher, role: switch,
      models: [{provider: primary, model: m-primary}, {provider: backup, model: m-backup}]}
@@ -33,7 +33,7 @@ ONE_PROVIDER = """
 version: 1
 providers:
   solo: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", max_attempts: 1,
-         breaker_fail_max: 1, breaker_reset_s: 1}
+         breaker_fail_max: 1, breaker_reset_s: 1, context_window: 128000}
 agents:
   - {name: loner, role: lone, models: [{provider: solo, model: m-solo}]}
 """

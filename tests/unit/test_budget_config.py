@@ -15,7 +15,7 @@ from beamline.errors import ConfigError
 
 FILE = """
 providers:
-  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1", context_window: 8000}
 agents:
   - {name: a, role: r, models: [{provider: p, model: m}], budget: {tokens: 1000}}
   - {name: b, role: r, models: [{provider: p, model: m2}]}

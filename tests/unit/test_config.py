@@ -6,12 +6,13 @@ import pytest
 
 from beamline import cli, config
 from beamline.errors import ConfigError
+from beamline.model_windows import known_window
 
 ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """
 providers:
-  p: {kind: openai, base_url: "${TEST_BASE:-http://127.0.0.1:1}/v1"}
+  p: {kind: openai, base_url: "${TEST_BASE:-http://127.0.0.1:1}/v1", context_window: 8000}
 agents:
   - {name: a, role: r, models: [{provider: p, model: m}]}
 """
@@ -77,7 +78,7 @@ def test_the_readme_failover_snippet_declares_an_ordered_choice_list() -> None:
 
 ISOLATED = """
 providers:
-  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1", context_window: 8000}
 agents:
   - {name: a, role: r, models: [{provider: p, model: m}], isolation: process}
   - {name: b, role: r, models: [{provider: p, model: m}]}
@@ -140,3 +141,106 @@ def test_beamline_check_refuses_an_unsupervised_isolated_agent(
         cli.main(["check", str(bad)])
     assert exited.value.code == 2
     assert "agents[0].isolation: process needs a supervisor" in capsys.readouterr().err
+
+
+WINDOWS = """
+providers:
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+  local: {kind: openai, base_url: "http://127.0.0.1:2/v1", context_window: 32000}
+agents:
+  - name: a
+    role: r
+    models:
+      - {provider: p, model: gpt-4o-mini}
+      - {provider: p, model: claude-sonnet-4-5-20250929}
+      - {provider: p, model: my-finetune, context_window: 16000}
+      - {provider: local, model: llama-3-8b}
+      - {provider: local, model: gpt-4o}
+"""
+
+
+def test_every_model_choice_gets_its_context_window_from_the_file_the_table_or_its_provider() -> (
+    None
+):
+    (agent,) = config.parse(WINDOWS).agents
+    assert [c.context_window for c in agent.models] == [128_000, 200_000, 16_000, 32_000, 128_000]
+    assert agent.context == config.ContextPolicy(threshold=0.8, keep_turns=4)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "model: my-finetune, context_window: 16000}",
+            "model: my-finetune}",
+            "agents[0].models[2].context_window: no context window is known for model "
+            "'my-finetune': give `context_window: <tokens>`",
+        ),
+        (
+            "model: my-finetune, context_window: 16000}",
+            "model: my-finetune, context_window: 0}",
+            "agents[0].models[2].context_window: Input should be greater than 0",
+        ),
+        (
+            "role: r\n",
+            "role: r\n    max_tokens: 13000\n",
+            "agents[0].models[2].context_window: 16000 tokens x threshold 0.8 leave no room "
+            "for max_tokens 13000",
+        ),
+        (
+            "role: r\n",
+            "role: r\n    context: {threshold: 1}\n",
+            "agents[0].context.threshold: Input should be less than 1",
+        ),
+        (
+            "role: r\n",
+            "role: r\n    context: {threshold: 0}\n",
+            "agents[0].context.threshold: Input should be greater than 0",
+        ),
+        (
+            "role: r\n",
+            "role: r\n    context: {keep_turns: 0}\n",
+            "agents[0].context.keep_turns: Input should be greater than or equal to 1",
+        ),
+        (
+            "role: r\n",
+            "role: r\n    context: {window: 5}\n",
+            "agents[0].context.window: Extra inputs are not permitted",
+        ),
+    ],
+)
+def test_bad_context_settings_are_rejected_naming_the_field(
+    old: str, new: str, message: str
+) -> None:
+    assert old in WINDOWS
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.parse(WINDOWS.replace(old, new, 1))
+
+
+def test_beamline_check_names_the_model_whose_window_is_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(WINDOWS.replace("model: my-finetune, context_window: 16000}", "model: mine}"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["check", str(bad)])
+    assert exit.value.code != 0
+    err = capsys.readouterr().err
+    assert "agents[0].models[2].context_window: no context window is known for model 'mine'" in err
+
+
+def test_known_windows_cover_dated_snapshots_and_aliases_but_not_unknown_names() -> None:
+    assert known_window("gpt-4o-mini-2024-07-18") == 128_000
+    assert known_window("claude-3-5-haiku-latest") == 200_000
+    assert known_window("gpt-5-mini") == 400_000 and known_window("o1-mini") == 128_000
+    assert known_window("fakellm") == 128_000
+    assert known_window("m") is None and known_window("gpt-4omni") is None
+
+
+def test_the_readme_context_pressure_example_is_a_valid_deployment() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Context pressure: long conversations fit", 1)[1]
+    deployment = config.parse(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    (reader,) = deployment.agents
+    assert [c.context_window for c in reader.models] == [32_000, 16_000]
+    assert reader.context == config.ContextPolicy(threshold=0.8, keep_turns=4)

@@ -18,6 +18,7 @@ from beamline.envelope import (
     EventPayload,
     Kind,
     LLMResponsePayload,
+    SummaryPayload,
     TaskPayload,
     ToolResultPayload,
     Usage,
@@ -240,3 +241,23 @@ def test_stream_ts_may_be_given_in_microseconds() -> None:
     assert make_row(b"plain", stream_ts_ns=None, stream_ts_us=123)["ts"] == 123
     with pytest.raises(TypeError, match="stream_ts_ns or stream_ts_us"):
         make_row(b"plain", stream_ts_ns=None)
+
+
+def test_a_summary_is_recorded_whole_with_its_calls_usage() -> None:
+    summary = SummaryPayload(
+        text="the gist",
+        through="e-7",
+        tokens_before=1300,
+        tokens_after=640,
+        window=1500,
+        threshold=0.8,
+        request_id="sum-1",
+        provider="p",
+        model="m",
+    )
+    env = task_envelope().child(
+        summary, sender="gateway", recipient="agent-1", usage=Usage(input_tokens=900)
+    )
+    r = make_row(bus.encode(env), bus.headers_for(env))
+    assert (r["kind"], r["input_tokens"], r["reason"]) == ("summary", 900, "")
+    assert orjson.loads(r["payload"]) == summary.model_dump(mode="json", exclude_none=True)

@@ -14,7 +14,9 @@ from beamline.envelope import (
     ErrorPayload,
     EventPayload,
     Kind,
+    SummaryPayload,
     ToolResultPayload,
+    Usage,
 )
 from tests.span_samples import T0, T0_NS, col, conversation, row
 
@@ -311,3 +313,43 @@ def test_only_supervisor_events_give_decision_spans() -> None:
     assert spans.span_rows([gateway_row]) == []
     # a redelivered decision is looked up like any other span
     assert plan.may_be_stored({restart[rows.ID]}) == [restart[rows.COLUMNS.index("span_id")]]
+
+
+def summary_entry(**fields: Any) -> tuple[Envelope, Envelope]:
+    task, *_ = conversation()
+    summary = SummaryPayload(
+        text="read pages 1-3",
+        through="entry-9",
+        tokens_before=1300,
+        tokens_after=700,
+        window=1500,
+        threshold=0.8,
+        **fields,
+    )
+    entry = task.child(
+        summary, sender="gateway.fakellm", recipient="analyst", usage=Usage(input_tokens=900)
+    )
+    return task, entry
+
+
+def test_a_summary_written_by_an_llm_call_is_a_chat_span_that_says_what_it_shortened() -> None:
+    task, entry = summary_entry(request_id="sum-1", provider="fakellm", model="m1", latency_ms=40.0)
+    (span,) = spans.span_rows([row(task), row(entry)])
+    assert col(span, "SpanName") == "chat m1" and col(span, "SpanId") == entry.span_id
+    assert col(span, "ParentSpanId") == task.span_id
+    assert col(span, "Duration") == 40_000_000
+    attrs = col(span, "SpanAttributes")
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "fakellm"
+    assert attrs["gen_ai.usage.input_tokens"] == "900"
+    assert attrs["beamline.context.summary"] == "true"
+    assert attrs["beamline.context.tokens_before"] == "1300"
+    assert attrs["beamline.context.tokens_after"] == "700"
+    assert attrs["beamline.context.window"] == "1500"
+    assert attrs["beamline.context.threshold"] == "0.8"
+    assert all(type(k) is str and type(v) is str for k, v in attrs.items())
+
+
+def test_a_fresh_windows_seed_made_without_an_llm_call_gives_no_span() -> None:
+    task, entry = summary_entry(fresh_window=True)
+    assert spans.span_rows([row(task), row(entry)]) == []

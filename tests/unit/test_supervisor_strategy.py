@@ -22,6 +22,7 @@ from services.supervisor.strategy import on_child_exit
 
 CRASH = Exit.parse("boom")
 SHUTDOWN_TERM = Exit.parse("shutdown:drained")
+OVERFLOW = Exit.parse("context_overflow")  # an agent whose context window was reset
 
 
 def sup(
@@ -42,10 +43,12 @@ def test_exit_reasons_parse_like_otp_terms() -> None:
     assert Exit.parse("normal") == NORMAL and Exit.parse("shutdown") == SHUTDOWN
     assert Exit(ExitReason.SHUTDOWN_TERM, "drained") == SHUTDOWN_TERM
     assert CRASH.reason is ExitReason.CRASH and str(CRASH) == "boom"
-    assert [e.is_normal for e in (NORMAL, SHUTDOWN, SHUTDOWN_TERM, CRASH)] == [
+    assert OVERFLOW.reason is ExitReason.CONTEXT_OVERFLOW and str(OVERFLOW) == "context_overflow"
+    assert [e.is_normal for e in (NORMAL, SHUTDOWN, SHUTDOWN_TERM, CRASH, OVERFLOW)] == [
         True,
         True,
         True,
+        False,
         False,
     ]
 
@@ -103,14 +106,17 @@ MATRIX = [
     (Restart.PERMANENT, SHUTDOWN, "restart"),
     (Restart.PERMANENT, SHUTDOWN_TERM, "restart"),
     (Restart.PERMANENT, CRASH, "restart"),
+    (Restart.PERMANENT, OVERFLOW, "restart"),
     (Restart.TRANSIENT, NORMAL, "keep"),
     (Restart.TRANSIENT, SHUTDOWN, "keep"),
     (Restart.TRANSIENT, SHUTDOWN_TERM, "keep"),
     (Restart.TRANSIENT, CRASH, "restart"),
+    (Restart.TRANSIENT, OVERFLOW, "restart"),
     (Restart.TEMPORARY, NORMAL, "forget"),
     (Restart.TEMPORARY, SHUTDOWN, "forget"),
     (Restart.TEMPORARY, SHUTDOWN_TERM, "forget"),
     (Restart.TEMPORARY, CRASH, "forget"),
+    (Restart.TEMPORARY, OVERFLOW, "forget"),
 ]
 
 

@@ -57,6 +57,22 @@ def test_a_trace_renders_as_a_causal_tree_with_tokens_and_tool_results() -> None
     assert lines[4].startswith("    - ") and "reply: 4" in lines[4]
 
 
+def test_summaries_and_fresh_windows_show_what_they_shortened() -> None:
+    shortened = {"text": "read 3 pages", "tokens_before": 1300, "tokens_after": 640}
+    summary = row(
+        "summary",
+        "b",
+        "a",
+        {**shortened, "window": 1500, "provider": "p", "model": "m", "latency_ms": 9},
+    )
+    fresh = row("summary", "c", "a", {**shortened, "window": 1500, "fresh_window": True})
+    assert (
+        traceview.summary(summary)
+        == "summary by p/m 9 ms (1300 -> 640 of 1500 tokens): read 3 pages"
+    )
+    assert traceview.summary(fresh) == "fresh window (1300 -> 640 of 1500 tokens): read 3 pages"
+
+
 def test_an_empty_trace_says_so() -> None:
     assert traceview.render([]) == "(no recorded messages)"
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 AGENTS = """
 providers:
-  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1", context_window: 8000}
 agents:
   - {name: a, role: r, models: [{provider: p, model: m}]}
   - {name: b, role: r, models: [{provider: p, model: m}]}
