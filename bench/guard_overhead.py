@@ -4,8 +4,9 @@ The same 200 supervised agents take the same tasks twice, each time on a fresh m
 - none: no budgets, no loop guard, and the guard services not started;
 - guards: a token budget on every agent and on their supervisor (so every LLM call takes a
   reservation checked against the agent and its subtree, settled from the gateway's usage
-  event), the loop guard watching every journaled step, the context-pressure check before
-  every call, and the gateway's breakers (always on).
+  event), and the loop guard watching every journaled step.
+Both have what every agent and gateway always does: the context-pressure estimate before
+each call, and the gateway's breakers.
 The overhead is 1 - guards/none, in percent; target <= 15 %. The two alternate, ROUNDS
 times each, and each keeps its best round: other work on the machine slows one round, not
 the configuration.
@@ -31,7 +32,8 @@ def config(guards: bool) -> str:
         """
 version: 1
 providers:
-  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30}
+  fakellm: {kind: openai, base_url: "${BEAMLINE_FAKELLM_URL}/v1", timeout_s: 30,
+            context_window: 128000}
 agents:
 """
         + "".join(
