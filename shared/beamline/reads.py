@@ -16,13 +16,16 @@ MESSAGES_ID_TS_TABLE: Final = "bl_messages_id_ts"
 MESSAGES_BY_TRACE_TABLE: Final = "bl_messages_by_trace"
 
 # One trace, in time order, in one read of the trace-sorted copy: what `beamline trace ID`
-# tries first (see TRACE_SQLS).
+# tries first (see TRACE_SQLS). Not FINAL: with the copy in several parts (as a live table
+# always is) FINAL costs as much as the whole lookup; a duplicate row there can only be the
+# same envelope recorded twice (the copy holds no raw rows), so one row per id is kept.
 TRACE_BY_TRACE_SQL: Final = f"""
 SELECT id, kind, sender, recipient, conversation_id, step, trace_id, span_id,
        parent_span_id, ts, input_tokens, output_tokens, reason, payload
-FROM {MESSAGES_BY_TRACE_TABLE} FINAL
+FROM {MESSAGES_BY_TRACE_TABLE}
 WHERE trace_id = {{id:String}}
 ORDER BY ts, id
+LIMIT 1 BY id
 LIMIT 10000
 """
 
