@@ -35,7 +35,9 @@ SHOWN = {
     "agent_failed_back": "{agent}: failed back {from} -> {provider} ({reason})",
     "budget_exhausted": "supervisor: {child}'s budget is spent ({spent_usd} USD, "
     "{spent_tokens} tokens): stopping its subtree",
-    "child_removed": "supervisor: {child} stays stopped under {supervisor} ({reason})",
+    "context_summarised": "{agent}: {tokens_before} tokens of its {window}-token window: "
+    "older turns summarised, the next request is {tokens_after}",
+    "context_window_reset": "{agent}: a fresh window seeded from its {seed}",
 }
 SCOUT_PROMPTS = ("Scout the market for agent runtimes.", "Scout again, an hour later.")
 DRAFTS = tuple(f"Draft section {i} of the launch post." for i in range(1, 7))
@@ -59,6 +61,7 @@ async def run(nc: NATS) -> int:
     try:
         failed = await failover(nc)
         failed += await budget(nc)
+        failed += await long_conversation(nc)
     finally:
         await events.unsubscribe()
     return failed
@@ -95,6 +98,18 @@ async def budget(nc: NATS) -> int:
     print(
         f"   partial results kept: {len(answered)} drafts answered before the stop; "
         f"each is in its journal: beamline trace {answered[0]}"
+    )
+    return 0
+
+
+async def long_conversation(nc: NATS) -> int:
+    print("\nA long conversation: the archivist reads six days of log into a 1,500-token window")
+    reply = await _ask(nc, "archiving", "Read the incident log and tell me what it shows.")
+    if reply is None:
+        return 1
+    print(
+        "   every page it read is still in its journal and in ClickHouse: "
+        f"beamline trace {reply.conversation_id}"
     )
     return 0
 

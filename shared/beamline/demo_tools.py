@@ -68,3 +68,13 @@ def search_notes(query: str, limit: int = 3) -> list[dict[str, str]]:
             scored.append((score, title, body))
     scored.sort(key=lambda s: -s[0])
     return [{"title": t, "text": b} for _, t, b in scored[: max(1, min(limit, 10))]]
+
+
+@tool
+def read_log(day: int) -> str:
+    """Read one day of the team's (long) incident log."""
+    entry = (
+        f"day {day}: the {['hot', 'cold'][day % 2]} host restarted {day} agents from their "
+        f"journals in {day * 3} ms; no message was lost. "
+    )
+    return (f"incident log, day {day}. " + entry * 12)[:1200]
