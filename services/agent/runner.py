@@ -37,6 +37,7 @@ from beamline.envelope import (
 )
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
 from beamline.events import EventSink
+from beamline.guard import Addendum, with_addendum
 from beamline.ids import derived_id
 from beamline.tools import Crash, get_tool
 from services.agent import conversation as conv
@@ -144,6 +145,7 @@ class Agent(StateClock):
     provider: str | None = None  # where its last LLM call went (None: none yet)
     paused_on: str | None = None  # the provider whose open breaker holds it, while paused
     paused_at: float | None = None  # monotonic, when it paused
+    addendum: Addendum | None = None  # the loop guard's, for one conversation (its supervisor's)
     _state: State = State.IDLE
     _changed_at: float = field(default_factory=time.monotonic)
     _worker: asyncio.Task[None] | None = None
@@ -368,7 +370,9 @@ class Agent(StateClock):
         self, task: Envelope, journal: list[Envelope], action: conv.CallLLM
     ) -> None:
         self.step = action.index + 1
-        messages = conv.chat_messages(self.spec, journal)
+        messages = with_addendum(
+            conv.chat_messages(self.spec, journal), self.addendum, task.conversation_id
+        )
         while True:
             route = self.ctx.circuits.route(self.spec.models)
             # what this route changes (failed over or back) is reported once a call on it
