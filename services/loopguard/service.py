@@ -260,17 +260,22 @@ class LoopguardService:
 
     # --- commands to the supervisor ----------------------------------------------------------
 
-    def _queue(self, command: GuardCommand) -> None:
-        """Under the lock, persisted by the caller: the send loop delivers it in turn."""
+    def _queue(self, command: GuardCommand) -> asyncio.Future[GuardReply]:
+        """Under the lock, persisted by the caller: the send loop delivers it in turn; the
+        future gets the supervisor's answer."""
         self.state.outbox.append(command)
         self._wake.set()
+        return self._waiter(command.id)
+
+    def _waiter(self, command_id: str) -> asyncio.Future[GuardReply]:
+        return self._waiters.setdefault(command_id, asyncio.get_running_loop().create_future())
 
     async def _carried_out(self, command_id: str, msg: Msg | None = None) -> GuardReply | None:
         """Wait until the supervisor has answered `command_id` (at once if it has); keep the
         journal entry `msg` from redelivery meanwhile."""
         if not self.state.queued(command_id):
             return None
-        waiter = self._waiters.setdefault(command_id, asyncio.get_running_loop().create_future())
+        waiter = self._waiter(command_id)
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(waiter), self.settings.ack_wait_s / 3)
@@ -448,7 +453,7 @@ class LoopguardService:
                 escalation, request.action, self.clock(), by=request.answered_by, say=request.say
             )
             self.state.escalations[done.id] = done
-            self._queue(command)
+            carried_out = self._queue(command)
             prune(self.state)
             await self._save()
         self.counts["answered"] += 1
@@ -459,13 +464,11 @@ class LoopguardService:
         await self._publish_escalation("escalation_closed", done)
         result: dict[str, Any] = {"escalation": done.model_dump(mode="json")}
         try:
-            reply = await asyncio.wait_for(
-                self._carried_out(command.id), self.settings.answer_wait_s
-            )
+            reply = await asyncio.wait_for(asyncio.shield(carried_out), self.settings.answer_wait_s)
         except TimeoutError:
             result["agent_state"] = "pending: the supervisor will carry it out when it answers"
         else:
-            result["agent_state"] = reply.state if reply and reply.ok else (reply and reply.error)
+            result["agent_state"] = reply.state if reply.ok else f"refused: {reply.error}"
         return LoopguardReply(result=result)
 
     def _known(self, agent: str) -> None:
