@@ -40,6 +40,7 @@ class AgentLadder(BaseModel):
     loops: int = 0  # loops acted on since the ladder last started from the bottom
     last_loop_at: float = 0.0
     last_loop_seq: int = 0  # the journal entry that completed the latest loop
+    last_loop: Loop | None = None
     last_rung: Rung | None = None
     last_command: str | None = None
     # (loop entry, fence]: journal entries its previous incarnation wrote after a loop was
@@ -50,8 +51,14 @@ class AgentLadder(BaseModel):
         return any(start < seq <= end for start, end in self.skips)
 
     def fenced(self, start: int, end: int) -> AgentLadder:
-        skips = (*self.skips, (start, end)) if end > start else self.skips
+        """Entries after `start` up to `end` are skipped from now on (kept even when empty:
+        it also says that the loop at `start` was carried out)."""
+        skips = (*self.skips, (start, max(start, end)))
         return self.model_copy(update={"skips": skips[-MAX_SKIPS:]})
+
+    def carried_out(self, seq: int) -> bool:
+        """Whether the loop completed by entry `seq` was acted on and fenced off."""
+        return any(start == seq for start, _ in self.skips)
 
 
 class GuardState(BaseModel):
@@ -127,6 +134,7 @@ def decide(
             "loops": before + (1 if rung is not None else 0),
             "last_loop_at": now,
             "last_loop_seq": seq,
+            "last_loop": loop,
             "last_rung": rung,
             "last_command": command.id if command else None,
         }

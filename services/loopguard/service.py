@@ -166,14 +166,28 @@ class LoopguardService:
                     log.warning("journal not fetched; retrying", extra={"error": repr(exc)})
                     await asyncio.sleep(1.0)
                     continue
-                for msg in msgs:
-                    await self._on_entry(msg)
+                for i, msg in enumerate(msgs):
+                    try:
+                        await self._on_entry(msg)
+                    except Exception as exc:  # NATS or KV unavailable for now
+                        await self._later(msgs[i:], exc)
+                        break
                     await msg.ack()
         finally:
             # a pull subscription left open with a fetch outstanding holds drain() for its
             # whole timeout at shutdown
             with contextlib.suppress(Exception):
                 await journal.unsubscribe()
+
+    async def _later(self, msgs: list[Msg], exc: Exception) -> None:
+        """Hand the rest of a batch back, in order, to be redelivered shortly: counts must
+        see a conversation's entries in journal order."""
+        self.last_error = f"journal entry not handled: {exc!r}"
+        log.warning("journal entry not handled; redelivered shortly", exc_info=True)
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.settings.retry_s)
+        await asyncio.sleep(self.settings.retry_s)
 
     async def _on_entry(self, msg: Msg) -> None:
         self.counts["entries"] += 1
@@ -195,6 +209,12 @@ class LoopguardService:
             return
         watch = await self.conversations.watch(agent, conversation, seq, guard, ladder)
         loop = observe(guard, watch, entry)
+        if ladder.last_loop_seq == seq and ladder.last_loop is not None:
+            # redelivered: the loop it completed was decided before (this service restarted,
+            # or NATS failed half-way); carry it on unless it was carried out
+            if ladder.carried_out(seq):
+                return
+            loop = ladder.last_loop
         if loop is not None:
             await self._on_loop(msg, agent, entry, seq, loop, guard)
 
@@ -298,7 +318,8 @@ class LoopguardService:
                 continue
             async with self._lock:
                 self.state.outbox = [c for c in self.state.outbox if c.id != command.id]
-                await self._save()
+                with contextlib.suppress(Exception):  # saved with the next change, or re-sent
+                    await self._save()  # after a restart: the supervisor knows its id
             waiter = self._waiters.pop(command.id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
@@ -349,24 +370,30 @@ class LoopguardService:
     async def _deadline_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_s)
-            now = self.clock()
-            closed: list[Escalation] = []
-            async with self._lock:
-                for escalation in due(self.state, now):
-                    done, command = close(
-                        escalation, escalation.on_timeout, now, by="timeout", timed_out=True
-                    )
-                    self.state.escalations[done.id] = done
-                    self._queue(command)
-                    closed.append(done)
-                if closed:
-                    prune(self.state)
-                    await self._save()
-            for done in closed:
-                log.warning(
-                    "escalation timed out", extra={"id": done.id, "outcome": done.on_timeout.value}
+            try:
+                await self._time_out(self.clock())
+            except Exception as exc:  # KV unavailable for now: the next tick tries again
+                self.last_error = f"escalation deadlines: {exc!r}"
+                log.warning("escalation deadlines not applied; retrying", exc_info=True)
+
+    async def _time_out(self, now: float) -> None:
+        closed: list[Escalation] = []
+        async with self._lock:
+            for escalation in due(self.state, now):
+                done, command = close(
+                    escalation, escalation.on_timeout, now, by="timeout", timed_out=True
                 )
-                await self._publish_escalation("escalation_closed", done)
+                self.state.escalations[done.id] = done
+                self._queue(command)
+                closed.append(done)
+            if closed:
+                prune(self.state)
+                await self._save()
+        for done in closed:
+            log.warning(
+                "escalation timed out", extra={"id": done.id, "outcome": done.on_timeout.value}
+            )
+            await self._publish_escalation("escalation_closed", done)
 
     async def _publish_escalation(self, name: str, escalation: Escalation) -> None:
         fields: dict[str, Any] = {"trace_id": escalation.trace_id} if escalation.trace_id else {}
