@@ -85,7 +85,7 @@ class Control:
             case "start":
                 start: StartAgents = parse(StartAgents, data)
                 host.obey(start.term)
-                host.start(start.agents, start.generations)
+                host.start(start.agents, start.generations, start.addenda)
                 log.info(
                     "agents started",
                     extra={"agents": list(start.agents)[:20], "n": len(start.agents)},

@@ -15,13 +15,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from beamline import subjects
 from beamline.config import Deployment
 from beamline.control import AgentState, ChildExit, HostHeartbeat, StopOutcome
 from beamline.errors import CallerError, Reason
+from beamline.guard import Addendum
 from beamline.ids import new_span_id
 from beamline.tree import pool_template
 from services.agent.isolated import Launch, ProcessAgent
@@ -188,8 +189,15 @@ class Host:
         ):
             del self.agents[name]
 
-    def start(self, names: Iterable[str], generations: Iterable[int]) -> None:
-        """Start a new incarnation of each agent, in order; it inherits the queue."""
+    def start(
+        self,
+        names: Iterable[str],
+        generations: Iterable[int],
+        addenda: Mapping[str, Addendum] | None = None,
+    ) -> None:
+        """Start a new incarnation of each agent, in order; it inherits the queue, and gets
+        the loop guard's addendum to its system prompt when its supervisor sends one."""
+        addenda = addenda or {}
         names = list(names)
         elsewhere = [n for n in names if n in self.isolated_names and n not in self.isolated_here]
         if elsewhere:  # its process would take its mailbox over from wherever it is assigned
@@ -211,6 +219,7 @@ class Host:
             if old.crashed_at is not None:
                 self.restart_ms.append((time.monotonic() - old.crashed_at) * 1000)
             self.agents[name] = new
+            new.addendum = addenda.get(name)
             new.running = True
             new.state = AgentState.IDLE
             new.kick()

@@ -27,6 +27,7 @@ from beamline.control import AgentBeat, StopOutcome
 from beamline.control import AgentState as State
 from beamline.envelope import Envelope
 from beamline.errors import CallerError, Reason
+from beamline.guard import Addendum
 from services.agent.pipe import Report, describe_exit, error_line, read_report
 from services.agent.runner import Delivery, StateClock
 
@@ -45,13 +46,14 @@ class Launch:
     host_id: str
     argv: tuple[str, ...] = (sys.executable, "-m", SOLO_MODULE)
 
-    def env(self, agent: str, generation: int) -> dict[str, str]:
+    def env(self, agent: str, generation: int, addendum: Addendum | None = None) -> dict[str, str]:
         return {
             **os.environ,
             "BEAMLINE_AGENT_HOST_ID": self.host_id,
             "BEAMLINE_SOLO_AGENT": agent,
             "BEAMLINE_SOLO_GENERATION": str(generation),
             "BEAMLINE_SOLO_PARENT_PID": str(os.getpid()),
+            "BEAMLINE_SOLO_ADDENDUM": addendum.model_dump_json() if addendum else "",
         }
 
 
@@ -74,6 +76,7 @@ class ProcessAgent(StateClock):
     queue: deque[Delivery] = field(default_factory=deque)
     report: Report | None = None  # the latest from its process
     earlier: tuple[int, int, int] = (0, 0, 0)  # processed, failed, tokens before this one
+    addendum: Addendum | None = None  # the loop guard's, handed to its process
     _state: State = State.STOPPED
     _changed_at: float = field(default_factory=time.monotonic)
     _reported_at: float = 0.0
@@ -215,7 +218,7 @@ class ProcessAgent(StateClock):
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.launch.argv,
-                env=self.launch.env(self.name, self.generation),
+                env=self.launch.env(self.name, self.generation, self.addendum),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

@@ -11,16 +11,12 @@ import logging
 from collections import OrderedDict
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from beamline import bus, subjects
 from beamline.envelope import Envelope
+from beamline.journal import read_entries
 
 log = logging.getLogger("beamline.agent.journal")
-
-# Journal entries were validated when written; a bigger limit than the wire's lets a long
-# LLM answer be journaled even when the task that caused it was small.
-_ENTRY_MAX_BYTES = 1024 * 1024
 
 
 class Journal:
@@ -51,22 +47,7 @@ class Journal:
             del self._cache[key]
 
     async def _read(self, subject: str) -> list[Envelope]:
-        entries: list[Envelope] = []
-        seen: set[str] = set()
-        seq = 1
-        while True:
-            try:
-                raw = await self._js.get_msg(
-                    subjects.STREAM_JOURNAL, seq=seq, subject=subject, next=True, direct=True
-                )
-            except NotFoundError:
-                return entries
-            if raw.data is not None and raw.seq is not None:
-                env = bus.decode(raw.data, _ENTRY_MAX_BYTES)
-                if env.id not in seen:  # a re-journaled step (after a crash) counts once
-                    seen.add(env.id)
-                    entries.append(env)
-            seq = (raw.seq or seq) + 1
+        return [env for _, env in await read_entries(self._js, subject)]
 
     def _remember(self, key: tuple[str, str], entries: list[Envelope]) -> None:
         self._cache[key] = entries

@@ -39,6 +39,7 @@ from beamline.envelope import (
 )
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
 from beamline.events import EventSink
+from beamline.guard import Addendum, with_addendum
 from beamline.ids import derived_id
 from beamline.tools import Crash, get_tool
 from services.agent import conversation as conv
@@ -148,6 +149,7 @@ class Agent(StateClock, WindowKeeper):
     provider: str | None = None  # where its last LLM call went (None: none yet)
     paused_on: str | None = None  # the provider whose open breaker holds it, while paused
     paused_at: float | None = None  # monotonic, when it paused
+    addendum: Addendum | None = None  # the loop guard's, for one conversation (its supervisor's)
     _state: State = State.IDLE
     _changed_at: float = field(default_factory=time.monotonic)
     _worker: asyncio.Task[None] | None = None
@@ -379,7 +381,9 @@ class Agent(StateClock, WindowKeeper):
         self, task: Envelope, journal: list[Envelope], action: conv.CallLLM
     ) -> None:
         self.step = action.index + 1
-        messages = conv.chat_messages(self.spec, journal)
+        messages = with_addendum(
+            conv.chat_messages(self.spec, journal), self.addendum, task.conversation_id
+        )
         tokens = estimate_tokens(messages, self._tools()) + self.spec.max_tokens
         threshold = self.spec.context.threshold
 

@@ -9,6 +9,8 @@ import socket
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from beamline.guard import Addendum
+
 
 class AgentHostSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BEAMLINE_AGENT_", extra="ignore")
@@ -77,6 +79,12 @@ class SoloSettings(BaseSettings):
     agent: str = Field(description="The agent this process runs.")
     generation: int = Field(ge=0, description="The incarnation the supervisor started.")
     parent_pid: int = Field(gt=0, description="The host's pid: this process dies with it.")
+    addendum: str = Field(
+        default="", description="The loop guard's addendum (JSON of beamline.guard.Addendum)."
+    )
+
+    def guard_addendum(self) -> Addendum | None:
+        return Addendum.model_validate_json(self.addendum) if self.addendum else None
 
 
 def _token(text: str) -> str:

@@ -141,7 +141,9 @@ async def main(stop: asyncio.Event) -> int:
 
     # every state change is reported at once, not only at the next beat: a tool that
     # blocks the loop right after `waiting-on-tool` must leave that state with its host
-    agent = Agent(spec, ctx, generation=solo.generation, on_exit=on_exit)
+    agent = Agent(
+        spec, ctx, generation=solo.generation, on_exit=on_exit, addendum=solo.guard_addendum()
+    )
     reporter = Reporter(agent, pipe)
     agent.on_state = lambda _: reporter.send()
     mailbox = MailboxConsumer(

@@ -44,6 +44,7 @@ from beamline.control import ControlReply
 from beamline.envelope import Envelope, EventPayload, Kind
 from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
+from beamline.requests import parse_request as _parse
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.budget.ledger import Deferred, Granted, Ledger, LedgerError, Refused
@@ -425,19 +426,6 @@ class BudgetService:
                 Reason.INVALID_SCHEMA,
             )
         return found[0]
-
-
-def _parse(model: type[Any], data: bytes) -> Any:
-    try:
-        return model.model_validate_json(data or b"{}")
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise CallerError(f"not JSON: send a {model.__name__}", Reason.NOT_JSON) from None
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise CallerError(
-            f"not a valid {model.__name__}: {where}: {first['msg']}", Reason.INVALID_SCHEMA
-        ) from None
 
 
 def _refused_event(request: ReserveRequest, refused: Refused) -> Envelope:

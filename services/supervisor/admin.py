@@ -178,7 +178,7 @@ class Admin:
             else {"supervisor": None, "host": self.sv.host_of(agent)}
         )
         row: dict[str, Any] = {"agent": agent, **(live or {}), **view}
-        if view.get("supervised") in ("stopped", "dead", "removed", "restarting"):
+        if view.get("supervised") in ("stopped", "suspended", "dead", "removed", "restarting"):
             row["state"] = view["supervised"]
         row.setdefault("state", "unplaced" if view.get("host") is None else "unknown")
         seen = self.sv.hosts.hosts.get(row.get("host") or "")

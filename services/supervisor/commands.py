@@ -4,7 +4,7 @@ their absence) decide whether it is lost."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -19,6 +19,7 @@ from beamline.control import (
     StopAgents,
     StopOutcome,
 )
+from beamline.guard import Addendum
 
 # "infinity" is a promise to wait; still, a command must end: an hour stands for it
 INFINITY_S = 3600.0
@@ -38,17 +39,24 @@ class HostCommands:
         self.nc, self.timeout_s = nc, timeout_s
         self.term = 0
 
-    async def start(self, host: str, agents: Sequence[str], generations: Sequence[int]) -> None:
+    async def start(
+        self,
+        host: str,
+        agents: Sequence[str],
+        generations: Sequence[int],
+        addenda: Mapping[str, Addendum] | None = None,
+    ) -> None:
         """In order, in chunks that stay far below a control message's size limit."""
+        addenda = addenda or {}
         for i in range(0, len(agents), START_CHUNK):
-            await self._start(host, agents[i : i + START_CHUNK], generations[i : i + START_CHUNK])
-
-    async def _start(self, host: str, agents: Sequence[str], generations: Sequence[int]) -> None:
-        await self._request(
-            host,
-            "start",
-            StartAgents(term=self.term, agents=tuple(agents), generations=tuple(generations)),
-        )
+            chunk = tuple(agents[i : i + START_CHUNK])
+            command = StartAgents(
+                term=self.term,
+                agents=chunk,
+                generations=tuple(generations[i : i + START_CHUNK]),
+                addenda={a: addenda[a] for a in chunk if a in addenda},
+            )
+            await self._request(host, "start", command)
 
     async def stop(
         self, host: str, agents: Sequence[str], timeout_s: float | None

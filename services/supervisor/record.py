@@ -15,6 +15,8 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
+from beamline.guard import Addendum
+
 log = logging.getLogger("beamline.supervisor.record")
 
 KEY = "tree"
@@ -37,6 +39,8 @@ class TreeRecord(BaseModel):
     restarts: dict[str, int] = Field(default_factory=dict)  # per agent, by its supervisor
     shards: dict[int, str] = Field(default_factory=dict)
     pinned: dict[str, str] = Field(default_factory=dict)
+    addenda: dict[str, Addendum] = Field(default_factory=dict)  # the loop guard's, per agent
+    suspended: dict[str, str] = Field(default_factory=dict)  # agent -> why (its escalation)
 
 
 async def load(kv: KeyValue) -> TreeRecord | None:

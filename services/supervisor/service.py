@@ -20,6 +20,7 @@ from beamline.budget import SubtreeExhausted
 from beamline.control import ChildExit, ControlReply, HostHeartbeat, parse
 from beamline.errors import CallerError
 from beamline.events import EventSink
+from beamline.guard import GuardCommand, GuardReply
 from beamline.nats_auth import Role
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
@@ -27,12 +28,20 @@ from services.supervisor.admin import Admin
 from services.supervisor.commands import HostCommands
 from services.supervisor.lease import Lease
 from services.supervisor.settings import SupervisorSettings
-from services.supervisor.supervision import SOURCE, Exhausted, ExitSeen, Retry, Supervision
+from services.supervisor.supervision import (
+    SOURCE,
+    Exhausted,
+    ExitSeen,
+    Guarded,
+    Retry,
+    Supervision,
+)
 
 log = logging.getLogger("beamline.supervisor")
 
 HOST_CHECK_S = 0.05
 TICK_S = 1.0
+GUARD_TIMEOUT_S = 60.0  # a guard command waits its turn in the inbox, then is carried out
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -78,6 +87,21 @@ async def main(stop: asyncio.Event) -> None:
         sv.inbox.put_nowait(Exhausted(report))
         await msg.respond(ControlReply().model_dump_json().encode())
 
+    async def on_guard(msg: Msg) -> None:
+        if not sv.leading:
+            return  # the loop guard re-sends until the leader answers
+        try:
+            command: GuardCommand = parse(GuardCommand, msg.data)
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            sv.inbox.put_nowait(Guarded(command, done))
+            reply = GuardReply(state=await asyncio.wait_for(done, GUARD_TIMEOUT_S))
+        except CallerError as exc:
+            reply = GuardReply(ok=False, error=str(exc), reason=exc.reason.value)
+        except Exception as exc:  # not carried out (in time): the loop guard re-sends
+            log.exception("guard command failed", extra={"subject": msg.subject})
+            reply = GuardReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+
     def status() -> dict[str, Any]:
         return {
             "instance": settings.instance_id,
@@ -94,6 +118,7 @@ async def main(stop: asyncio.Event) -> None:
         await nc.subscribe(subjects.CHILD_EXIT, cb=on_exit),
         await nc.subscribe(subjects.ADMIN_ALL, cb=admin.on_request),
         await nc.subscribe(subjects.SUBTREE_EXHAUSTED, cb=on_exhausted),
+        await nc.subscribe(subjects.GUARD, cb=on_guard),
         await answer_health(nc, "supervisor", status),
     ]
     watch = asyncio.create_task(_watch_hosts(sv), name="host-watch")

@@ -32,6 +32,7 @@ from beamline.control import AgentState, HostHeartbeat
 from beamline.envelope import Envelope
 from beamline.errors import CallerError, Reason
 from beamline.events import EventSink, event_envelope
+from beamline.guard import Addendum, GuardAction, GuardCommand
 from beamline.tree import (
     BRUTAL_KILL,
     INFINITY,
@@ -127,7 +128,15 @@ class Exhausted:
     report: SubtreeExhausted
 
 
-Input = Lead | ExitSeen | HostLost | HostJoined | Hung | Operate | Retry | Exhausted
+@dataclass(frozen=True)
+class Guarded:
+    """The loop guard's command for a looping agent; `done` gets the agent's state after."""
+
+    command: GuardCommand
+    done: asyncio.Future[Any]
+
+
+Input = Lead | ExitSeen | HostLost | HostJoined | Hung | Operate | Retry | Exhausted | Guarded
 
 
 class Supervision:
@@ -165,6 +174,11 @@ class Supervision:
         self.restarts: dict[str, int] = {}  # per agent: the restarts its supervisor decided
         self.shards: dict[int, str] = {}
         self.pinned: dict[str, str] = {}
+        # the loop guard's: an addendum to an agent's system prompt (sent with every start),
+        # and the agents it suspended while a human is asked (kept stopped until resumed)
+        self.addenda: dict[str, Addendum] = {}
+        self.suspended: dict[str, str] = {}
+        self._guard_done: dict[str, str] = {}  # agent -> the last guard command carried out
         self.pending: set[str] = set()  # to run, but not started on a host yet
         self.inbox: asyncio.Queue[Input] = asyncio.Queue()
         self.leading = False
@@ -238,18 +252,19 @@ class Supervision:
         """Handle inputs one at a time, in order, like an OTP supervisor's mailbox."""
         while True:
             item = await self.inbox.get()
+            done = item.done if isinstance(item, Operate | Guarded) else None
             try:
                 outcome = await self._handle(item)
             except CallerError as exc:  # an operator asked for what cannot be done now
-                if isinstance(item, Operate) and not item.done.done():
-                    item.done.set_exception(exc)
+                if done is not None and not done.done():
+                    done.set_exception(exc)
             except Exception:
                 log.exception("supervision step failed", extra={"input": repr(item)})
-                if isinstance(item, Operate) and not item.done.done():
-                    item.done.set_exception(RuntimeError("the supervisor failed to carry it out"))
+                if done is not None and not done.done():
+                    done.set_exception(RuntimeError("the supervisor failed to carry it out"))
             else:
-                if isinstance(item, Operate) and not item.done.done():
-                    item.done.set_result(outcome)
+                if done is not None and not done.done():
+                    done.set_result(outcome)
             self._changed()
 
     async def save_loop(self) -> None:
@@ -288,6 +303,8 @@ class Supervision:
                 await self._start_pending()
             case Exhausted(report=report):
                 await self._budget_exhausted(report)
+            case Guarded(command=command):
+                return await self._guard(command)
             case Operate(command="start_child"):
                 return await self._start_children(item.target, item.names, item.count)
             case Operate(command="terminate_child"):
@@ -383,10 +400,70 @@ class Supervision:
             return
         await self._child_exited(parent, target, BUDGET_EXHAUSTED)
 
+    # --- the loop guard -----------------------------------------------------------------
+
+    async def _guard(self, command: GuardCommand) -> str:
+        """Carry out the loop guard's command; the agent's state afterwards. None of them is
+        a crash: no exit is handed to the supervisor's strategy and no intensity is spent.
+        A looping agent is killed, not stopped gracefully: the message in hand is the loop."""
+        agent = command.agent
+        sup = self.parent.get(agent)
+        if sup is None:
+            raise CallerError(
+                f"{agent!r} is not a supervised agent: the loop guard cannot act on it",
+                Reason.UNKNOWN_RECIPIENT,
+            )
+        if self._guard_done.get(agent) == command.id:  # re-sent after a lost answer
+            return str(self.child_view(agent)["supervised"])
+        if sup not in self.states:
+            raise CallerError(
+                f"{agent!r}'s supervisor {sup!r} is not running; restart it first",
+                Reason.INVALID_SCHEMA,
+            )
+        running = self._is_running(agent)
+        if command.addendum is not None:
+            self.addenda[agent] = command.addendum
+        data: dict[str, Any] = {"command": command.id, "reason": command.reason}
+        match command.action:
+            case GuardAction.RESTART if running:
+                await self._kill(agent)
+                await self._start([agent])
+                self._emit("guard_restarted", sup, agent, **data, addendum=_text(command))
+            case GuardAction.SUSPEND:
+                if running:
+                    await self._kill(agent)
+                    self._set_running(agent, running=False)
+                self.suspended[agent] = command.escalation or command.id
+                self._emit("agent_suspended", sup, agent, **data, escalation=command.escalation)
+            case GuardAction.RESUME:
+                self.suspended.pop(agent, None)
+                if not running:
+                    self._set_running(agent, running=True)
+                    await self._start([agent])
+                self._emit("agent_resumed", sup, agent, **data, addendum=_text(command))
+            case GuardAction.STOP:
+                self.suspended.pop(agent, None)
+                if running:
+                    await self._stop([agent])
+                    self._set_running(agent, running=False)
+                self._emit("guard_stopped", sup, agent, **data, escalation=command.escalation)
+            case _:  # a restart of an agent that is not running: it stays as it is
+                log.info("guard restart of an agent not running", extra={"agent": agent})
+        self._guard_done[agent] = command.id
+        return str(self.child_view(agent)["supervised"])
+
+    def _set_running(self, agent: str, running: bool) -> None:
+        sup = self.parent.get(agent)
+        if sup is not None and sup in self.states:
+            self.states[sup] = _mark(self.states[sup], agent, running)
+
     async def _start(self, ids: Sequence[str]) -> None:
         """Start children in start order; consecutive agents on one host in one command."""
         batch: list[str] = []
         for cid in ids:
+            if cid in self.suspended:  # a human decides when it runs again
+                self._set_running(cid, running=False)
+                continue
             if cid in self.specs:
                 await self._start_agents(batch)
                 batch = []
@@ -424,7 +501,9 @@ class Supervision:
             by_host.setdefault(host, []).append(agent)
         for host, group in by_host.items():
             try:
-                await self.commands.start(host, group, [self.generations[a] for a in group])
+                await self.commands.start(
+                    host, group, [self.generations[a] for a in group], self.addenda
+                )
             except (HostUnreachable, CommandRefused) as exc:
                 log.warning(
                     "start not confirmed; will retry", extra={"host": host, "error": str(exc)}
@@ -659,6 +738,8 @@ class Supervision:
         self.generations.pop(agent, None)
         self.restarts.pop(agent, None)
         self._shards_of.pop(agent, None)
+        self.addenda.pop(agent, None)
+        self.suspended.pop(agent, None)
         self.pending.discard(agent)
 
     # --- operators --------------------------------------------------------------------------
@@ -680,6 +761,7 @@ class Supervision:
         # restart: stop (gracefully) if running, start a fresh incarnation; OTP's
         # terminate_child + restart_child, which does not count against intensity
         parent = self.parent.get(op.target)
+        self.suspended.pop(op.target, None)  # the operator's restart overrides the loop guard's
         if parent is not None and parent in self.states:
             self.states[parent] = _mark_running(self.states[parent], op.target)
         if op.target in self.specs:
@@ -705,7 +787,7 @@ class Supervision:
         elif child is None:
             status = "removed"
         elif not child.running:
-            status = "stopped"
+            status = "suspended" if cid in self.suspended else "stopped"
         elif cid in self.pending:
             status = "restarting"
         else:
@@ -767,6 +849,8 @@ class Supervision:
             restarts=dict(self.restarts),
             shards=dict(self.shards),
             pinned=dict(self.pinned),
+            addenda=dict(self.addenda),
+            suspended=dict(self.suspended),
         )
 
     # --- helpers ------------------------------------------------------------------------------
@@ -803,6 +887,8 @@ class Supervision:
         self.restarts = dict(saved.restarts)
         self.shards = {int(k): h for k, h in saved.shards.items()}
         self.pinned = dict(saved.pinned)
+        self.addenda = dict(saved.addenda)
+        self.suspended = dict(saved.suspended)
         return True
 
     def _may_run_under(self, spec: SupervisorSpec, child: str) -> bool:
@@ -912,9 +998,17 @@ def _moved(old: Mapping[Any, str], new: Mapping[Any, str]) -> set[str]:
 
 
 def _mark_running(state: SupervisorState, child_id: str) -> SupervisorState:
+    return _mark(state, child_id, running=True)
+
+
+def _mark(state: SupervisorState, child_id: str, running: bool) -> SupervisorState:
     known = state.child(child_id)
     if known is None:
         return state
     return state.with_children(
-        tuple(replace(c, running=True) if c.id == child_id else c for c in state.children)
+        tuple(replace(c, running=running) if c.id == child_id else c for c in state.children)
     )
+
+
+def _text(command: GuardCommand) -> str | None:
+    return command.addendum.text if command.addendum is not None else None

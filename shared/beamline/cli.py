@@ -25,6 +25,7 @@ from beamline import (
     bus,
     client,
     config,
+    escalation_ops,
     init,
     logview,
     nats_credentials,
@@ -36,6 +37,7 @@ from beamline import (
 )
 from beamline.budget import Budget
 from beamline.errors import BeamlineError, CallerError, Reason, TransientError
+from beamline.guard import OnTimeout
 from beamline.runtime import Mesh, RuntimeOptions
 from beamline.settings import MeshSettings
 
@@ -285,6 +287,24 @@ async def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_escalation(args: argparse.Namespace) -> int:
+    """list: the loop guard's open escalations; answer: resume (with advice) or stop."""
+    nc = await _connect(MeshSettings())
+    try:
+        if args.escalation_command == "list":
+            found = await escalation_ops.list_escalations(nc, args.agent, args.all)
+            print(json.dumps(found, indent=2) if args.json else escalation_ops.render(found))
+            return 0
+        action = OnTimeout.STOP if args.stop else OnTimeout.RESUME
+        if args.say and args.stop:
+            raise CallerError("escalation answer: --say goes with --resume (advice for the agent)")
+        result = await escalation_ops.answer(nc, args.id, action, args.say)
+    finally:
+        await nc.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from beamline import demo
 
@@ -382,6 +402,20 @@ def _parser() -> argparse.ArgumentParser:
     br.add_argument("--tokens", type=int, help="the new token limit (input + output)")
     br.add_argument("--usd", type=float, help="the new cost limit in USD")
     br.add_argument("--json", action="store_true")
+    e = sub.add_parser("escalation", help="the loop guard's questions to humans: list, answer")
+    e_sub = e.add_subparsers(dest="escalation_command", required=True)
+    el = e_sub.add_parser("list", help="open escalations: which agent looped, on what, until when")
+    el.add_argument("--agent", help="only this agent's")
+    el.add_argument("--all", action="store_true", help="closed ones too (the latest 100)")
+    el.add_argument("--json", action="store_true")
+    ea = e_sub.add_parser(
+        "answer", help="resume the suspended agent (with advice) or stop it; recorded"
+    )
+    ea.add_argument("id", help="the escalation id (esc-...)")
+    which = ea.add_mutually_exclusive_group(required=True)
+    which.add_argument("--resume", action="store_true", help="start it again")
+    which.add_argument("--stop", action="store_true", help="keep it stopped")
+    ea.add_argument("--say", help="with --resume: advice added to its system prompt")
     d = sub.add_parser("demo", help="run a small research team against fakellm and exit")
     mesh_flags(d)
     d.add_argument("--data-dir", default=".beamline/demo")
@@ -392,7 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     # a command reports its own outcome; reconnect chatter from the client would only bury it
     logging.basicConfig(level=logging.ERROR)
     args = _parser().parse_args(argv)
-    sub = getattr(args, "db_command", None) or getattr(args, "budget_command", None)
+    sub = (
+        getattr(args, "db_command", None)
+        or getattr(args, "budget_command", None)
+        or getattr(args, "escalation_command", None)
+    )
     name = " ".join(filter(None, (args.command, sub)))
     handlers: dict[str, Any] = {
         "up": cmd_up,
@@ -403,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         "init": cmd_init,
         "check": cmd_check,
         "budget": cmd_budget,
+        "escalation": cmd_escalation,
         "demo": cmd_demo,
         **{
             command: cmd_ops

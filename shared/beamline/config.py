@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from beamline.budget import Account, AccountKind, Budget, Price
 from beamline.errors import ConfigError
+from beamline.guard import LoopGuard
 from beamline.ids import is_token
 from beamline.model_windows import known_window
 from beamline.tools import import_tool_modules, registered
@@ -92,6 +93,10 @@ class AgentSpec(Strict):
     )
     context: ContextPolicy = Field(
         default_factory=ContextPolicy, description="Context pressure: when to summarise."
+    )
+    loop_guard: LoopGuard = Field(
+        default_factory=LoopGuard,
+        description="Loop detection and its ladder (beamline.guard); `off` disables it.",
     )
 
     @model_validator(mode="after")
@@ -281,6 +286,18 @@ class Deployment(Strict):
             return spec
         template = pool_template(name, self.pools().values())
         return None if template is None else self.agent(template)
+
+    def loop_guard(self, agent: str) -> LoopGuard | None:
+        """What watches `agent` for loops (a pool member: its template's), or None: an
+        unknown agent, or `loop_guard: off`."""
+        spec = self.member_spec(agent)
+        return spec.loop_guard if spec is not None and spec.loop_guard.enabled else None
+
+    def is_supervised(self, agent: str) -> bool:
+        """Whether a supervisor starts and restarts `agent` (a named child or a pool member)."""
+        if agent in self.supervised_agents():
+            return True
+        return self.agent(agent) is None and pool_template(agent, self.pools().values()) is not None
 
     def check_tools(self) -> None:
         """Import tool modules and check every agent's tools exist. Call where tools run."""

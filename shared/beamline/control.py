@@ -6,6 +6,7 @@ commands. JSON on core NATS; every message is a pydantic model so both ends vali
     supervisor -> bl.ctl.<host>.<command>     StartAgents | StopAgents | AssignShards |
                                               AgentsQuery      (request -> ControlReply)
     operator   -> bl.admin.<command>          AdminRequest     (request -> AdminReply)
+    loopguard  -> bl.sup.guard                GuardCommand     (beamline.guard)
 
 Every command carries the leader's `term`: a host ignores commands from a deposed leader
 (a lower term than one it has obeyed), so two supervisors can never both steer it.
@@ -19,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from beamline.errors import CallerError, Reason
+from beamline.guard import Addendum
 
 
 class Wire(BaseModel):
@@ -39,6 +41,9 @@ class AgentState(StrEnum):
     PAUSED = "paused"
     RESTARTING = "restarting"
     STOPPED = "stopped"
+    # stopped by the loop guard while a human is asked (an escalation): its mailbox keeps
+    # its messages until the answer (or the escalation's timeout) resumes or stops it
+    SUSPENDED = "suspended"
     DEAD = "dead"
 
 
@@ -83,6 +88,10 @@ class StartAgents(Wire):
     term: int
     agents: tuple[str, ...]  # started in this order
     generations: tuple[int, ...]  # the incarnation each start creates
+    # the loop guard's addendum to an agent's system prompt, for one conversation: kept by
+    # the supervisor and sent with every start, so it survives restarts, re-homes and
+    # failover
+    addenda: dict[str, Addendum] = Field(default_factory=dict)
 
 
 class StopAgents(Wire):
@@ -147,7 +156,7 @@ class AdminReply(Wire):
     result: Any = None
 
 
-def parse(model: type[Wire], data: bytes, max_bytes: int = 256 * 1024) -> Any:
+def parse(model: type[BaseModel], data: bytes, max_bytes: int = 256 * 1024) -> Any:
     """Decode a control message, or raise a CallerError naming what is wrong with it."""
     if len(data) > max_bytes:
         raise CallerError(

@@ -9,7 +9,11 @@ derived from `beamline.subjects`, rendered as a nats-server `authorization` bloc
     recorder    pulls every recorded stream, acks, answers `bl.query.sql`
     budget      answers reservations, settles them from the gateway's call events, keeps
                 its ledger bucket, asks the supervisor to stop an exhausted subtree
-    client      publishes tasks and inbox messages; reads only its own inbox
+    loopguard   reads the journal through its durable consumer, keeps its bucket, asks the
+                supervisor to restart, suspend, resume or stop a looping agent (only it may
+                publish `bl.sup.guard`), publishes escalations for humans
+    client      publishes tasks and inbox messages; reads only its own inbox; may read and
+                answer the loop guard's escalations (a human's job)
     admin       the operator (CLI): a client, plus `bl.admin.*`, queries, health, reading
                 the recorded streams, and declaring the layout (`beamline up`)
     init        declares the layout: streams and key-value buckets
@@ -59,6 +63,7 @@ class Role(StrEnum):
     GATEWAY = "gateway"
     RECORDER = "recorder"
     BUDGET = "budget"
+    LOOPGUARD = "loopguard"
     CLIENT = "client"
     ADMIN = "admin"
     INIT = "init"
@@ -71,6 +76,7 @@ SERVICE_ROLES: Final[Mapping[str, Role]] = {
     "gateway": Role.GATEWAY,
     "recorder": Role.RECORDER,
     "budget": Role.BUDGET,
+    "loopguard": Role.LOOPGUARD,
 }
 CREDENTIALS_FILE: Final = "nats-credentials.json"
 INBOX_ROOT: Final = "_INBOX"  # NATS's own inbox namespace; every user gets a branch of it
@@ -168,6 +174,7 @@ BUCKETS: Final = (
     subjects.BUCKET_SUPERVISOR,
     subjects.BUCKET_BUDGET,
     subjects.BUCKET_BREAKERS,
+    subjects.BUCKET_LOOPGUARD,
 )
 # what only `init` and `admin` may do: declare every stream and bucket
 LAYOUT: Final = _declare((*subjects.RECORDED_STREAMS, *(kv_stream(b) for b in BUCKETS)))
@@ -206,6 +213,14 @@ USES: Final[Mapping[Role, Uses]] = {
     ),
     Role.RECORDER: Uses(streams=subjects.RECORDED_STREAMS),
     Role.BUDGET: Uses(streams=(subjects.STREAM_EVENTS,), buckets=(subjects.BUCKET_BUDGET,)),
+    Role.LOOPGUARD: Uses(
+        streams=(
+            subjects.STREAM_JOURNAL,  # its consumer; replays a conversation; the fence's seq
+            subjects.STREAM_EVENTS,
+            subjects.STREAM_ESCALATIONS,
+        ),
+        buckets=(subjects.BUCKET_LOOPGUARD,),
+    ),
 }
 
 
@@ -245,7 +260,13 @@ def _covers(pattern: str, subject: str) -> bool:
     return len(have) == len(want)
 
 
-_CLIENT_PUBLISH: Final = (subjects.TASKS_ALL, subjects.INBOX_ALL)
+_CLIENT_PUBLISH: Final = (
+    subjects.TASKS_ALL,
+    subjects.INBOX_ALL,
+    # a human answers the loop guard's escalations (and lists them) with any NATS client
+    subjects.LOOPGUARD_LIST,
+    subjects.LOOPGUARD_ANSWER,
+)
 
 RIGHTS: Final[Mapping[Role, Rights]] = {
     Role.AGENT: Rights(
@@ -292,6 +313,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             subjects.CHILD_EXIT,
             subjects.ADMIN_ALL,
             subjects.SUBTREE_EXHAUSTED,
+            subjects.GUARD,
             _health("supervisor"),
         ),
     ),
@@ -341,9 +363,29 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
         ),
         subscribe=(_queue(subjects.BUDGET_ALL, subjects.QUEUE_BUDGET), _health("budget")),
     ),
+    Role.LOOPGUARD: Rights(
+        what="the loop guard: watches the journal, acts through the supervisor, escalates",
+        publish=(
+            INBOXES,  # answers to operators
+            _events(Role.LOOPGUARD),
+            subjects.health("loopguard"),  # its container healthcheck asks itself
+            subjects.GUARD,  # a request: the supervisor restarts, suspends, resumes, stops
+            _wild(subjects.escalation(_ONE)),
+            *_durable(subjects.STREAM_JOURNAL, subjects.CONSUMER_LOOPGUARD),
+            _pull(subjects.STREAM_JOURNAL, subjects.CONSUMER_LOOPGUARD),
+            _api("DIRECT", "GET", subjects.STREAM_JOURNAL),  # replaying a conversation
+            *_bucket(subjects.BUCKET_LOOPGUARD),
+            *USES[Role.LOOPGUARD].lookups(),
+        ),
+        subscribe=(
+            _queue(subjects.LOOPGUARD_ALL, subjects.QUEUE_LOOPGUARD),
+            _health("loopguard"),
+        ),
+    ),
     Role.CLIENT: Rights(
         what="clients: publish tasks and inbox messages, read only their own inbox",
         publish=_CLIENT_PUBLISH,
+        subscribe=(subjects.ESCALATIONS_ALL,),
     ),
     Role.ADMIN: Rights(
         what="the operator: a client, plus bl.admin.*, queries, health, reading streams",
@@ -359,7 +401,7 @@ RIGHTS: Final[Mapping[Role, Rights]] = {
             *(s for stream in subjects.RECORDED_STREAMS for s in _read(stream)),
             *LAYOUT,  # `beamline up` declares the layout with the operator's credentials
         ),
-        subscribe=(subjects.REPLIES_ALL, subjects.EVENTS_ALL),
+        subscribe=(subjects.REPLIES_ALL, subjects.EVENTS_ALL, subjects.ESCALATIONS_ALL),
     ),
     Role.INIT: Rights(what="the init job: declares the streams and buckets", publish=LAYOUT),
 }

@@ -24,10 +24,11 @@ from beamline.settings import MeshSettings
 log = logging.getLogger("beamline.runtime")
 
 # start order; stopped in reverse. The budget service before the gateway: a budgeted
-# agent's call is refused while no budget service answers.
-SERVICES = ("recorder", "budget", "gateway", "supervisor", "agent")
+# agent's call is refused while no budget service answers. The loop guard before the agent
+# hosts: its journal consumer watches from its first start on.
+SERVICES = ("recorder", "budget", "gateway", "supervisor", "loopguard", "agent")
 # the services that only guard (RuntimeOptions.guards=False leaves them out)
-GUARD_SERVICES = ("budget",)
+GUARD_SERVICES = ("budget", "loopguard")
 
 
 @dataclass

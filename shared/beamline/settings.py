@@ -20,8 +20,8 @@ class MeshSettings(BaseSettings):
     )
     nats_user: str | None = Field(
         default=None,
-        description="NATS user (one per role: agent, gateway, recorder, supervisor, admin, "
-        "client, init). `beamline up` gives each service its own.",
+        description="NATS user (one per role: agent, gateway, recorder, supervisor, budget, "
+        "loopguard, admin, client, init). `beamline up` gives each service its own.",
     )
     nats_password: SecretStr | None = Field(default=None, description="That user's password.")
     data_dir: Path = Field(default=Path(".beamline"), description="Embedded runtime state.")

@@ -88,6 +88,7 @@ def stream_configs(shards: int) -> list[StreamConfig]:
         cfg(subjects.STREAM_REPLIES, [subjects.REPLIES_ALL], 7),
         cfg(subjects.STREAM_EVENTS, [subjects.EVENTS_ALL], 7),
         cfg(subjects.STREAM_DLQ, [subjects.DLQ_ALL], 30),
+        cfg(subjects.STREAM_ESCALATIONS, [subjects.ESCALATIONS_ALL], 30),
     ]
 
 
@@ -127,6 +128,8 @@ def bucket_configs() -> list[KeyValueConfig]:
         # each provider's breaker state, latest only: a host that starts or reconnects reads
         # the current state instead of having to have seen every transition event
         KeyValueConfig(bucket=subjects.BUCKET_BREAKERS, history=1),
+        # the loop guard's state: one key, replaced by compare-and-set on every change
+        KeyValueConfig(bucket=subjects.BUCKET_LOOPGUARD, history=1),
     ]
 
 

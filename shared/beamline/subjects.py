@@ -18,6 +18,11 @@ Each subject position means one thing so wildcards work:
     bl.budget.<command>            reserve (gateway), raise/show (operator) -> budget
                                                                        (core NATS)
     bl.sup.budget                  budget -> supervisor: stop a subtree (core NATS)
+    bl.sup.guard                   loopguard -> supervisor: restart, suspend, resume or
+                                   stop a looping agent                 (core NATS)
+    bl.escalation.<agent>          loopguard -> humans: a loop to decide on (stream
+                                   BL_ESCALATIONS)
+    bl.loopguard.<command>         list, answer (operator) -> loopguard (core NATS)
 
 Only the supervisor publishes on bl.ctl.>; hosts publish heartbeats and exits; operators
 (the CLI) talk to the supervisor on bl.admin.>, which records and carries out their command.
@@ -47,6 +52,7 @@ STREAM_JOURNAL: Final = "BL_JOURNAL"
 STREAM_REPLIES: Final = "BL_REPLIES"
 STREAM_EVENTS: Final = "BL_EVENTS"
 STREAM_DLQ: Final = "BL_DLQ"
+STREAM_ESCALATIONS: Final = "BL_ESCALATIONS"
 RECORDED_STREAMS: Final = (
     STREAM_TASKS,
     STREAM_MAILBOX,
@@ -54,12 +60,14 @@ RECORDED_STREAMS: Final = (
     STREAM_REPLIES,
     STREAM_EVENTS,
     STREAM_DLQ,
+    STREAM_ESCALATIONS,
 )
 
 # --- durable consumers -----------------------------------------------------
 CONSUMER_DISPATCH: Final = "dispatch"  # role tasks -> agent mailboxes (shared by hosts)
 CONSUMER_RECORDER: Final = "recorder"  # one per recorded stream
 CONSUMER_BUDGET: Final = "budget"  # on BL_EVENTS: the gateway's call outcomes, settled
+CONSUMER_LOOPGUARD: Final = "loopguard"  # on BL_JOURNAL: every agent's steps, watched
 
 
 def mailbox_consumer(shard: int) -> str:
@@ -89,6 +97,7 @@ def pinned_deliver(host: str, agent: str) -> str:
 QUEUE_GATEWAY: Final = "gateway"
 QUEUE_RECORDER: Final = "recorder"
 QUEUE_BUDGET: Final = "budget"
+QUEUE_LOOPGUARD: Final = "loopguard"
 
 # --- subjects --------------------------------------------------------------
 TASKS_ALL: Final = "bl.task.>"
@@ -97,6 +106,7 @@ JOURNAL_ALL: Final = "bl.journal.>"
 REPLIES_ALL: Final = "bl.reply.>"
 EVENTS_ALL: Final = "bl.events.>"
 DLQ_ALL: Final = "bl.dlq.>"
+ESCALATIONS_ALL: Final = "bl.escalation.>"
 LLM_ALL: Final = "bl.llm.*"
 QUERY: Final = "bl.query.sql"
 
@@ -198,6 +208,16 @@ LLM_CALL_COMPLETED: Final = "bl.events.gateway.llm_call_completed"
 LLM_CALL_FAILED: Final = "bl.events.gateway.llm_call_failed"
 
 
+GUARD: Final = "bl.sup.guard"  # loopguard -> supervisor (the leader acts and answers)
+LOOPGUARD_ALL: Final = "bl.loopguard.*"
+LOOPGUARD_LIST: Final = "bl.loopguard.list"  # the operator (or a client)
+LOOPGUARD_ANSWER: Final = "bl.loopguard.answer"  # the operator (or a client)
+
+
+def escalation(agent: str) -> str:
+    return f"bl.escalation.{token(agent, 'agent')}"
+
+
 def last_token(subject: str, index: int) -> str:
     """The token at `index` of a subject (negative counts from the end)."""
     return subject.split(".")[index]
@@ -209,3 +229,4 @@ BUCKET_ATTEMPTS: Final = "BL_ATTEMPTS"  # agent hosts: deliveries of a mailbox m
 BUCKET_SUPERVISOR: Final = "BL_SUPERVISOR"  # supervisor: leader lease and the tree's state
 BUCKET_BUDGET: Final = "BL_BUDGET"  # budget: the ledger (spend, reservations, raised limits)
 BUCKET_BREAKERS: Final = "BL_BREAKERS"  # gateway: provider -> its breaker's state (hosts watch)
+BUCKET_LOOPGUARD: Final = "BL_LOOPGUARD"  # loopguard: ladders, escalations, unsent commands

@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from beamline import bus, client, nats_auth, streams, subjects
 from beamline.envelope import Envelope, Kind, ReplyPayload
 from beamline.errors import TransientError
+from beamline.journal import read_entries
 from beamline.nats_auth import Role
 from beamline.nats_credentials import Credentials
 from beamline.settings import MeshSettings
@@ -161,6 +162,21 @@ DENIED = [
     ("budget", PUB, "$JS.API.STREAM.PURGE.BL_EVENTS"),
     ("budget", SUB, subjects.BUDGET_ALL),  # only in its queue group
     ("budget", SUB, subjects.EVENTS_ALL),  # events come through its durable consumer
+    ("loopguard", PUB, subjects.control("host-1", "stop")),  # it asks the supervisor instead
+    ("loopguard", PUB, subjects.admin("restart")),
+    ("loopguard", PUB, subjects.journal("writer", "c1")),  # it reads journals, never writes
+    ("loopguard", PUB, subjects.event("supervisor", "child_restarted")),
+    ("loopguard", PUB, "$KV.BL_SUPERVISOR.tree"),
+    ("loopguard", PUB, "$JS.API.STREAM.PURGE.BL_JOURNAL"),
+    ("loopguard", PUB, f"$JS.API.CONSUMER.MSG.NEXT.BL_JOURNAL.{subjects.CONSUMER_RECORDER}"),
+    ("loopguard", SUB, subjects.JOURNAL_ALL),  # entries come through its durable consumer
+    ("loopguard", SUB, subjects.LOOPGUARD_ALL),  # only in its queue group
+    ("agent", PUB, subjects.GUARD),  # only the loop guard commands the supervisor so
+    ("budget", PUB, subjects.GUARD),
+    ("admin", PUB, subjects.GUARD),
+    ("alice", PUB, subjects.GUARD),
+    ("alice", PUB, subjects.escalation("writer")),  # humans answer; they do not escalate
+    ("gateway", SUB, subjects.ESCALATIONS_ALL),
     ("alice", PUB, subjects.BUDGET_RAISE),
     ("alice", PUB, subjects.QUERY),
     ("alice", PUB, subjects.llm("openai")),
@@ -450,6 +466,57 @@ async def test_the_budget_service_reserves_settles_from_events_and_reports_to_th
     await ledger.update("ledger", b"{}", last=revision)
     await bus.publish(b_js, subjects.event("budget", "budget_raised"), envelope("c1"))
     for conn in (budget, gateway, supervisor, admin):
+        assert not conn.errors, (conn.user, conn.errors)
+
+
+async def test_the_loop_guard_watches_the_journal_commands_the_supervisor_and_escalates(
+    connect: Connect,
+) -> None:
+    guard, agent, supervisor = (
+        await connect("loopguard"),
+        await connect("agent"),
+        await connect("supervisor"),
+    )
+    alice, admin = await connect("alice"), await connect("admin")
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b'{"ok": true}')
+
+    await guard.nc.subscribe(subjects.LOOPGUARD_ALL, queue=subjects.QUEUE_LOOPGUARD, cb=answer)
+    await guard.nc.subscribe(subjects.health("loopguard"), queue="loopguard", cb=answer)
+    await supervisor.nc.subscribe(subjects.GUARD, cb=answer)
+    for conn in (guard, supervisor):
+        await conn.nc.flush()
+    assert (await guard.nc.request(subjects.GUARD, b"{}", timeout=5)).data
+    assert (await guard.nc.request(subjects.health("loopguard"), b"", timeout=5)).data
+    for human in (alice, admin):  # a human answers with a client user, or the operator's
+        assert (await human.nc.request(subjects.LOOPGUARD_ANSWER, b"{}", timeout=5)).data
+        assert (await human.nc.request(subjects.LOOPGUARD_LIST, b"{}", timeout=5)).data
+
+    # the journal, through its durable consumer: declare, pull, ack; and a conversation
+    # replayed by direct gets
+    a_js, g_js = agent.nc.jetstream(), guard.nc.jetstream()
+    await bus.publish(a_js, subjects.journal("writer", "c1"), envelope("c1"))
+    entries = await g_js.pull_subscribe(
+        subjects.JOURNAL_ALL, durable=subjects.CONSUMER_LOOPGUARD, stream=subjects.STREAM_JOURNAL
+    )
+    (msg,) = await entries.fetch(1, timeout=5)
+    await msg.ack_sync(timeout=5)
+    replayed = await read_entries(g_js, subjects.journal("writer", "c1"))
+    assert [env.conversation_id for _, env in replayed] == ["c1"]
+    assert (await g_js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq == 1
+    state = await g_js.key_value(subjects.BUCKET_LOOPGUARD)
+    revision = await state.create("state", b"{}")
+    await state.update("state", b"{}", last=revision)
+    await bus.publish(g_js, subjects.event("loopguard", "loop_detected"), envelope("c1"))
+
+    # an escalation reaches a human's plain subscription, and is persisted
+    watching = await alice.nc.subscribe(subjects.escalation("writer"))
+    await alice.nc.flush()
+    ack = await bus.publish(g_js, subjects.escalation("writer"), envelope("c1"))
+    assert ack.stream == subjects.STREAM_ESCALATIONS
+    assert (await watching.next_msg(timeout=5)).subject == subjects.escalation("writer")
+    for conn in (guard, agent, supervisor, alice, admin):
         assert not conn.errors, (conn.user, conn.errors)
 
 

@@ -132,12 +132,16 @@ async def test_every_recorded_stream_becomes_rows_and_queries_are_read_only(
             child(EventPayload(name="breaker_opened", data={"p": "x"}), "gateway", "*"),
         ),
         (subjects.dlq("dispatch"), child(dead, "dispatch", "dlq")),
+        (
+            subjects.escalation("agent-7"),
+            child(EventPayload(name="escalation_opened"), "loopguard", "agent-7"),
+        ),
     ]
     for subject, env in published:
         await bus.publish(js, subject, env)
 
     count = "SELECT count() FROM bl_messages FINAL WHERE conversation_id = {c:String}"
-    await until_scalar(nc, count, 6, c=conv)
+    await until_scalar(nc, count, 7, c=conv)
     answer = await sql(
         nc,
         "SELECT id, kind, stream, subject, reason, input_tokens, output_tokens, trace_id"
@@ -161,9 +165,9 @@ async def test_every_recorded_stream_becomes_rows_and_queries_are_read_only(
     again = published[0][1]
     ack = await bus.publish(js, subjects.task("researcher"), again, {subjects.H_MSG_ID: "other"})
     await all_acked(nc, subjects.STREAM_TASKS, ack.seq)
-    await until_scalar(nc, count, 6, c=conv)
-    assert await scalar(nc, "SELECT uniqExact(id) FROM bl_messages") == 6
-    assert await scalar(nc, "SELECT count() FROM bl_messages FINAL") == 6
+    await until_scalar(nc, count, 7, c=conv)
+    assert await scalar(nc, "SELECT uniqExact(id) FROM bl_messages") == 7
+    assert await scalar(nc, "SELECT count() FROM bl_messages FINAL") == 7
 
     # hostile values stay values
     by_conv = "SELECT count() FROM bl_messages WHERE conversation_id = {c:String}"
@@ -185,7 +189,7 @@ async def test_every_recorded_stream_becomes_rows_and_queries_are_read_only(
     assert "without a value" in answer["error"]["message"]
     bad = await nc.request(subjects.QUERY, b"not json", timeout=5)
     assert orjson.loads(bad.data)["error"]["reason"] == "query_rejected"
-    assert await scalar(nc, "SELECT count() FROM bl_messages FINAL") == 6  # nothing dropped
+    assert await scalar(nc, "SELECT count() FROM bl_messages FINAL") == 7  # nothing dropped
     empty = await sql(nc, "SELECT id, ts FROM bl_messages WHERE id = {i:String}", i="none")
     assert empty == {
         "columns": ["id", "ts"],
@@ -194,7 +198,7 @@ async def test_every_recorded_stream_becomes_rows_and_queries_are_read_only(
     }
 
     status = await health(nc)
-    assert status["ok"] and status["recorded_rows"] >= 6 and status["last_insert_error"] is None
+    assert status["ok"] and status["recorded_rows"] >= 7 and status["last_insert_error"] is None
 
 
 async def test_bad_input_is_recorded_as_raw_rows(nc: NATS, recorder: StartRecorder) -> None:

@@ -10,6 +10,7 @@ import sys
 
 from beamline.config import AgentSpec, ModelChoice
 from beamline.control import AgentState, StopOutcome
+from beamline.guard import Addendum
 from beamline.testing import wait_for
 from services.agent.isolated import Launch, ProcessAgent
 
@@ -69,3 +70,20 @@ async def test_an_unasked_exit_is_reported_as_a_crash_with_code_and_last_error_l
     assert successor.generation == 2 and successor.on_exit is proxy.on_exit
     assert await proxy.halt(1) is StopOutcome.SHUTDOWN  # nothing left to stop
     assert exits == [exits[0]]
+
+
+async def test_the_loop_guards_addendum_reaches_the_agents_own_process() -> None:
+    addendum = Addendum(conversation_id="c1", text="Loop guard: you repeated yourself")
+    assert Launch("host-t").env("solo", 2)["BEAMLINE_SOLO_ADDENDUM"] == ""
+    # the process a host launches with it reads it back (as services.agent.solo does)
+    script = (
+        "import sys\nfrom services.agent.settings import SoloSettings\n"
+        "got = SoloSettings().guard_addendum()\n"
+        "print('ADDENDUM', got.conversation_id, got.text, file=sys.stderr)"
+    )
+    launch = Launch("host-t", argv=(sys.executable, "-c", script))
+    proc = await asyncio.create_subprocess_exec(
+        *launch.argv, env=launch.env("solo", 3, addendum), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    assert "ADDENDUM c1 Loop guard: you repeated yourself" in err.decode().splitlines(), err

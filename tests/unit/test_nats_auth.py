@@ -26,7 +26,7 @@ from beamline.settings import MeshSettings
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_CONF = ROOT / "infra/nats/auth.conf"
 USERS = nats_auth.default_users(clients=("alice", "bob"))
-SOURCES = (Role.AGENT, Role.SUPERVISOR, Role.GATEWAY, Role.RECORDER)
+SOURCES = (Role.AGENT, Role.SUPERVISOR, Role.GATEWAY, Role.RECORDER, Role.LOOPGUARD)
 
 
 def rights(role: Role) -> nats_auth.Rights:
@@ -62,6 +62,45 @@ def test_only_the_supervisor_publishes_control_commands(role: Role) -> None:
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_service_publishes_only_its_own_events(role: Role, source: Role) -> None:
     assert rights(role).may_publish(subjects.event(source.value, "x")) == (role is source)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_only_the_loop_guard_asks_the_supervisor_to_act_on_a_looping_agent(role: Role) -> None:
+    assert rights(role).may_publish(subjects.GUARD) == (role is Role.LOOPGUARD)
+    assert rights(role).may_subscribe(subjects.GUARD) == (role is Role.SUPERVISOR)
+    assert rights(role).may_publish(subjects.escalation("writer")) == (role is Role.LOOPGUARD)
+
+
+def test_the_loop_guard_reads_the_journal_only_through_its_consumer() -> None:
+    guard = rights(Role.LOOPGUARD)
+    consumer = subjects.CONSUMER_LOOPGUARD
+    for subject in (
+        f"$JS.API.CONSUMER.DURABLE.CREATE.BL_JOURNAL.{consumer}",
+        f"$JS.API.CONSUMER.MSG.NEXT.BL_JOURNAL.{consumer}",
+        f"$JS.ACK.BL_JOURNAL.{consumer}.1.2.3.4.5",
+        "$JS.API.DIRECT.GET.BL_JOURNAL",  # replaying one conversation
+        "$KV.BL_LOOPGUARD.state",
+        subjects.event("loopguard", "loop_detected"),
+    ):
+        assert guard.may_publish(subject), subject
+    for subject in (
+        subjects.journal("writer", "c1"),  # it never writes an agent's journal
+        subjects.control("host-1", "stop"),  # it asks the supervisor instead
+        subjects.admin("restart"),
+        "$KV.BL_SUPERVISOR.tree",
+        "$JS.API.CONSUMER.DURABLE.CREATE.BL_JOURNAL.recorder",
+    ):
+        assert not guard.may_publish(subject), subject
+    assert guard.may_subscribe(subjects.LOOPGUARD_ALL, queue=subjects.QUEUE_LOOPGUARD)
+    assert not guard.may_subscribe(subjects.JOURNAL_ALL)
+
+
+def test_a_human_with_a_client_user_reads_and_answers_escalations() -> None:
+    alice = next(u for u in USERS if u.name == "alice").rights()
+    assert alice.may_subscribe(subjects.escalation("writer"))
+    assert alice.may_publish(subjects.LOOPGUARD_ANSWER)
+    assert alice.may_publish(subjects.LOOPGUARD_LIST)
+    assert not alice.may_publish(subjects.GUARD)
 
 
 def test_an_agent_host_consumes_its_mailboxes_and_reports_to_the_supervisor() -> None:
@@ -165,7 +204,14 @@ def test_every_service_says_which_streams_and_buckets_it_uses() -> None:
 
 def test_services_answer_requests_into_inboxes_only() -> None:
     answerers = {r for r in Role if nats_auth.RIGHTS[r].may_publish("_INBOX.admin.x.y")}
-    assert answerers == {Role.AGENT, Role.SUPERVISOR, Role.GATEWAY, Role.RECORDER, Role.BUDGET}
+    assert answerers == {
+        Role.AGENT,
+        Role.SUPERVISOR,
+        Role.GATEWAY,
+        Role.RECORDER,
+        Role.BUDGET,
+        Role.LOOPGUARD,
+    }
     # an answer on a reply subject a requester names elsewhere is refused (no allow_responses)
     assert "allow_responses" not in nats_auth.render(USERS)
     assert not rights(Role.GATEWAY).may_publish(subjects.control("host-1", "restart"))

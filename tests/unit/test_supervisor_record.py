@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 
+from beamline.guard import Addendum
 from services.supervisor.record import SupervisorRecord, TreeRecord, decode, encode
 
 ONE_MIB = 1024 * 1024
@@ -42,3 +43,15 @@ def test_a_corrupt_record_is_an_error_not_a_tree() -> None:
         decode(b"\x78garbage")
     with pytest.raises(ValueError):
         decode(b'{"term": "x"}')
+
+
+def test_the_loop_guards_addenda_and_suspensions_survive_a_failover() -> None:
+    record = _pool(3).model_copy(
+        update={
+            "addenda": {"worker-1": Addendum(conversation_id="c1", text="Loop guard: stop it")},
+            "suspended": {"worker-2": "esc-1"},
+        }
+    )
+    assert decode(encode(record)) == record
+    # a record written before the loop guard existed reads as having none
+    assert decode(b'{"term": 3}').addenda == {} and decode(b'{"term": 3}').suspended == {}

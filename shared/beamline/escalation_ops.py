@@ -1,0 +1,67 @@
+"""Operator commands against the loop guard (`beamline escalation list | answer`): one
+request on `bl.loopguard.<command>`, and a plain-text rendering of the escalations."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel
+
+from beamline import subjects
+from beamline.errors import Reason, TransientError, refusal
+from beamline.guard import AnswerRequest, ListRequest, LoopguardReply, OnTimeout
+
+
+async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 30) -> dict[str, Any]:
+    """The loop guard's result, or a clear error naming what failed."""
+    try:
+        msg = await nc.request(subject, body.model_dump_json().encode(), timeout=timeout)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+        raise TransientError(
+            f"no loop guard answered {subject}: is services/loopguard running?",
+            Reason.NATS_UNAVAILABLE,
+        ) from exc
+    reply = LoopguardReply.model_validate_json(msg.data)
+    if not reply.ok:
+        raise refusal(reply.error, reply.reason)
+    return reply.result
+
+
+async def list_escalations(
+    nc: NATS, agent: str | None = None, include_closed: bool = False
+) -> list[dict[str, Any]]:
+    body = ListRequest(agent=agent, include_closed=include_closed)
+    found: list[dict[str, Any]] = (await request(nc, subjects.LOOPGUARD_LIST, body))["escalations"]
+    return found
+
+
+async def answer(
+    nc: NATS, escalation: str, action: OnTimeout, say: str | None = None, by: str = "cli"
+) -> dict[str, Any]:
+    body = AnswerRequest(id=escalation, action=action, say=say, answered_by=by)
+    return await request(nc, subjects.LOOPGUARD_ANSWER, body)
+
+
+def render(escalations: list[dict[str, Any]], now: float | None = None) -> str:
+    if not escalations:
+        return "(no escalations)"
+    now = time.time() if now is None else now
+    rows = [("ID", "AGENT", "STATUS", "DEADLINE", "CONVERSATION", "WHAT REPEATED")]
+    for e in escalations:
+        loop = e["loop"]
+        what = (
+            f"{loop['tool']}({loop['arguments']}) x{loop['count']}"
+            if loop.get("tool")
+            else f"output x{loop['count']}: {(loop.get('text') or '')[:40]}"
+        )
+        status = e["status"] if e["status"] == "open" else f"{e['status']}:{e['outcome']}"
+        left = e["deadline"] - now
+        deadline = f"in {left:.0f}s, then {e['on_timeout']}" if e["status"] == "open" else "-"
+        rows.append((e["id"], e["agent"], status, deadline, e["conversation_id"], what))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )

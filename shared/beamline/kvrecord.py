@@ -1,0 +1,77 @@
+"""A service's whole state as one KV value, replaced by compare-and-set after every change
+(the budget ledger, the loop guard's ladders and escalations).
+
+Why one value: the state is small and changes together, and a service restarted (or
+killed) reads back exactly what it had answered. Why compare-and-set: a second instance
+writing the same key would make both wrong; the revision check makes the loser stop
+(`RecordConflict`, the service exits 70) instead of overwriting. An unreadable value stops
+the service at start (ConfigError naming the key) rather than starting from nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ValidationError
+
+from beamline.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class RecordConflict(RuntimeError):
+    """Another writer changed the record since this service read it."""
+
+
+class KVRecord(Generic[M]):
+    """One key of a bucket holding a `model`; `what` names it in errors ("the budget
+    ledger"), `forgets` says what deleting it loses, `service` who writes it."""
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        bucket: str,
+        key: str,
+        model: type[M],
+        *,
+        what: str,
+        forgets: str,
+        service: str,
+    ) -> None:
+        self.kv, self.bucket, self.key, self.model = kv, bucket, key, model
+        self.what, self.forgets, self.service = what, forgets, service
+        self.revision = 0  # 0: the key does not exist yet
+        self.saves = 0
+
+    async def load(self) -> M:
+        """The persisted record, or an empty one on a first start."""
+        try:
+            entry = await self.kv.get(self.key)
+        except KeyNotFoundError:
+            return self.model()
+        self.revision = entry.revision or 0
+        try:
+            return self.model.model_validate_json(entry.value or b"{}")
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{self.what} in KV {self.bucket}/{self.key} is unreadable ({exc.errors()[0]}"
+                f"): fix or delete that key (`nats kv del {self.bucket} {self.key}` "
+                f"{self.forgets}) before starting "
+                f"the {self.service} service"
+            ) from exc
+
+    async def save(self, record: M) -> None:
+        data = record.model_dump_json().encode()
+        try:
+            if self.revision == 0:
+                self.revision = await self.kv.create(self.key, data)
+            else:
+                self.revision = await self.kv.update(self.key, data, last=self.revision)
+        except KeyWrongLastSequenceError as exc:
+            raise RecordConflict(
+                f"{self.what} changed under this service (revision {self.revision}): is a "
+                f"second {self.service} service running? Run exactly one"
+            ) from exc
+        self.saves += 1
