@@ -25,7 +25,7 @@ from beamline.guard import (
 
 FILE = """
 providers:
-  p: {kind: openai, base_url: "http://127.0.0.1:1/v1"}
+  p: {kind: openai, base_url: "http://127.0.0.1:1/v1", context_window: 128000}
 agents:
   - {name: a, role: r, models: [{provider: p, model: m}]}
   - name: b

@@ -66,7 +66,7 @@ def test_a_valid_nested_tree_is_accepted_with_otp_defaults() -> None:
 def test_the_supervised_example_is_valid() -> None:
     deployment = config.load(ROOT / "infra/examples/supervised-team.yaml")
     deployment.check_tools()
-    assert [s.name for s in deployment.supervisors] == ["team", "analysis"]
+    assert [s.name for s in deployment.supervisors] == ["team", "analysis", "drafts"]
 
 
 def test_beamline_check_names_the_offending_field(
