@@ -1,6 +1,8 @@
 """`beamline demo`: the embedded mesh, the supervised research team on fakellm (three
 hosts), three tasks and one trace; then an agent killed mid-task and a whole host killed,
-each conversation resumed (beamline.demo_supervision)."""
+each conversation resumed (beamline.demo_supervision); then each guard acting: a provider
+failing over, a subtree stopped for its budget, a loop corrected then escalated, a long
+conversation summarised (beamline.demo_guards)."""
 
 from __future__ import annotations
 

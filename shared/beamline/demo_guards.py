@@ -23,8 +23,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from beamline import budget_ops, client, ops, subjects
+from beamline import budget_ops, client, escalation_ops, ops, subjects
+from beamline.demo_supervision import Lenient
 from beamline.envelope import Envelope
+from beamline.guard import Loop, OnTimeout
 from beamline.polling import wait_for
 
 SHOWN = {
@@ -35,6 +37,12 @@ SHOWN = {
     "agent_failed_back": "{agent}: failed back {from} -> {provider} ({reason})",
     "budget_exhausted": "supervisor: {child}'s budget is spent ({spent_usd} USD, "
     "{spent_tokens} tokens): stopping its subtree",
+    "loop_detected": "loop guard: {agent} {what} (rung: {rung})",
+    "guard_restarted": "supervisor: {child} restarted with an addendum to its system prompt",
+    "agent_suspended": "supervisor: {child} suspended while a human is asked ({escalation})",
+    "agent_resumed": "supervisor: {child} resumed, the human's advice in its addendum",
+    "escalation_opened": "escalation {id} on bl.escalation.{agent}: {how_to_answer}",
+    "escalation_closed": "escalation {id} closed: {outcome} (by {answered_by})",
     "context_summarised": "{agent}: {tokens_before} tokens of its {window}-token window: "
     "older turns summarised, the next request is {tokens_after}",
     "context_window_reset": "{agent}: a fresh window seeded from its {seed}",
@@ -43,27 +51,36 @@ SCOUT_PROMPTS = ("Scout the market for agent runtimes.", "Scout again, an hour l
 DRAFTS = tuple(f"Draft section {i} of the launch post." for i in range(1, 7))
 
 
-async def watch(nc: NATS) -> Subscription:
+async def watch(nc: NATS) -> list[Subscription]:
     """Print each guard event worth seeing, as it is published."""
 
     async def show(msg: Msg) -> None:
         payload = json.loads(msg.data)["payload"]
         line = SHOWN.get(payload["name"])
-        if line is not None:
-            print(f"   {line.format_map(_Lenient(payload['data']))}")
+        if line is None or (payload["name"] == "agent_resumed" and "child" not in payload["data"]):
+            return
+        data = payload["data"]
+        if payload["name"] == "loop_detected":
+            loop = Loop.model_validate({k: v for k, v in data.items() if k in Loop.model_fields})
+            data = {**data, "what": loop.describe()}
+        print(f"   {line.format_map(Lenient(data))}")
 
-    return await nc.subscribe(subjects.EVENTS_ALL, cb=show)
+    events = await nc.subscribe(subjects.EVENTS_ALL, cb=show)
+    escalations = await nc.subscribe(subjects.ESCALATIONS_ALL, cb=show)
+    return [events, escalations]
 
 
 async def run(nc: NATS) -> int:
     """Every scenario; the number that did not end as scripted."""
-    events = await watch(nc)
+    subscriptions = await watch(nc)
     try:
         failed = await failover(nc)
         failed += await budget(nc)
+        failed += await looping(nc)
         failed += await long_conversation(nc)
     finally:
-        await events.unsubscribe()
+        for sub in subscriptions:
+            await sub.unsubscribe()
     return failed
 
 
@@ -102,6 +119,27 @@ async def budget(nc: NATS) -> int:
     return 0
 
 
+async def looping(nc: NATS) -> int:
+    print("\nA looping agent: the fixer searches the same thing again and again")
+    conversation = await client.submit(nc, subjects.task("fixing"), "Fix the flaky deploy.")
+    print("→ fixing: Fix the flaky deploy.")
+
+    async def opened() -> dict[str, Any] | None:
+        found = await escalation_ops.list_escalations(nc, "fixer")
+        return found[0] if found else None
+
+    escalation = await wait_for(opened, timeout=60, interval=0.2, what="an escalation")
+    advice = "check the runbook before searching again"
+    print(
+        f"   the human answers: beamline escalation answer {escalation['id']} --resume "
+        f'--say "{advice}"'
+    )
+    await escalation_ops.answer(nc, escalation["id"], OnTimeout.RESUME, advice, by="demo")
+    reply = await client.await_reply(nc, conversation, timeout=60)
+    print(f"← fixing ({reply.sender}): {client.reply_text(reply)}   [{conversation}]")
+    return int(reply.kind.value != "reply")
+
+
 async def long_conversation(nc: NATS) -> int:
     print("\nA long conversation: the archivist reads six days of log into a 1,500-token window")
     reply = await _ask(nc, "archiving", "Read the incident log and tell me what it shows.")
@@ -124,8 +162,3 @@ async def _ask(nc: NATS, role: str, prompt: str, quiet_error: bool = False) -> E
         return reply
     print(f"← {role}: refused: {client.reply_text(reply)}   [{conversation}]")
     return None
-
-
-class _Lenient(dict[str, Any]):
-    def __missing__(self, key: str) -> str:
-        return "?"

@@ -36,7 +36,7 @@ async def watch_decisions(nc: NATS) -> Subscription:
         payload = json.loads(msg.data)["payload"]
         line = SHOWN.get(payload["name"])
         if line is not None:
-            print(f"   supervisor: {line.format_map(_Lenient(payload['data']))}")
+            print(f"   supervisor: {line.format_map(Lenient(payload['data']))}")
 
     return await nc.subscribe("bl.events.supervisor.>", cb=show)
 
@@ -113,6 +113,8 @@ async def _calls(fakellm: str) -> dict[str, int]:
     return counts
 
 
-class _Lenient(dict[str, Any]):
+class Lenient(dict[str, Any]):
+    """An event's data for str.format_map: a field the event lacks shows as "?"."""
+
     def __missing__(self, key: str) -> str:
         return "?"

@@ -372,7 +372,7 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
             proc.kill()
     text = out.decode()
     assert proc.returncode == 0, text
-    assert text.count("← ") == 13 and text.count("error [") == 1, text  # the budget's refusal
+    assert text.count("← ") == 14 and text.count("error [") == 1, text  # the budget's refusal
     assert "tool search_notes" in text and "reply:" in text  # the printed trace
     # an agent killed mid-task: rest_for_one restarts it and its later sibling
     assert "analysis restarted ['researcher', 'analyst']" in text, text
@@ -387,6 +387,10 @@ async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_tra
     # an overspending subtree stopped before the call that would overspend, 4 drafts kept
     assert "drafts's budget is spent" in text and "error [budget_exhausted]" in text, text
     assert "partial results kept: 4 drafts answered" in text, text
+    # a loop corrected with an addendum, then escalated; the human's answer resumes it
+    assert text.count("loop guard: fixer called the tool `search_notes` 3 times") == 2, text
+    assert "fixer restarted with an addendum" in text and "fixer suspended" in text, text
+    assert "← fixing (fixer): Fixed: the runbook says" in text, text
     # a long conversation summarised before it overflows the model's window, and answered
     assert "archivist: " in text and "older turns summarised" in text, text
     assert "← archiving (archivist): Six days read" in text, text
