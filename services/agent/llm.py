@@ -7,7 +7,15 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from beamline import bus, subjects
-from beamline.envelope import Envelope, ErrorPayload, LLMResponsePayload
+from beamline.config import ModelChoice
+from beamline.envelope import (
+    ChatMessage,
+    Envelope,
+    ErrorPayload,
+    LLMRequestPayload,
+    LLMResponsePayload,
+    ToolSpec,
+)
 from beamline.errors import CallerError, Reason, TransientError
 
 # Reasons the gateway reports that are worth retrying later rather than failing the task.
@@ -28,6 +36,36 @@ class CircuitOpen(TransientError):
     tripped it). Not a retry to burn: the agent fails over or pauses."""
 
     reason = Reason.CIRCUIT_OPEN
+
+
+def request(
+    task: Envelope,
+    agent: str,
+    step: int,
+    request_id: str,
+    choice: ModelChoice,
+    messages: tuple[ChatMessage, ...],
+    max_tokens: int,
+    tools: tuple[ToolSpec, ...] = (),
+    json_output: bool = False,
+) -> Envelope:
+    """One LLM call of `task`'s, to `choice`. The same request id whichever provider serves
+    it: the step is one LLM call, and the gateway's result store answers a repeat of an
+    answered one."""
+    return task.child(
+        LLMRequestPayload(
+            provider=choice.provider,
+            model=choice.model,
+            messages=messages,
+            tools=tools,
+            max_tokens=max_tokens,
+            json_output=json_output,
+        ),
+        id=request_id,
+        sender=agent,
+        recipient=f"gateway.{choice.provider}",
+        step=step,
+    )
 
 
 async def call(nc: NATS, request: Envelope, timeout: float) -> Envelope:

@@ -28,7 +28,6 @@ from beamline.config import AgentSpec, ModelChoice
 from beamline.envelope import (
     Envelope,
     Kind,
-    LLMRequestPayload,
     LLMResponsePayload,
     SummaryPayload,
 )
@@ -36,6 +35,7 @@ from beamline.errors import CallerError, Reason, TransientError
 from beamline.events import event_envelope
 from beamline.ids import derived_id
 from services.agent import conversation as conv
+from services.agent import llm
 
 if TYPE_CHECKING:
     from services.agent.runner import ExitReport, HostContext
@@ -147,17 +147,14 @@ class WindowKeeper:
     def _summary_request(
         self, task: Envelope, action: conv.Summarise, choice: ModelChoice
     ) -> Envelope:
-        return task.child(
-            LLMRequestPayload(
-                provider=choice.provider,
-                model=choice.model,
-                messages=action.messages,
-                max_tokens=action.max_tokens,
-            ),
-            id=action.request_id,
-            sender=self.name,
-            recipient=f"gateway.{choice.provider}",
-            step=self.step,
+        return llm.request(
+            task,
+            self.name,
+            self.step,
+            action.request_id,
+            choice,
+            action.messages,
+            action.max_tokens,
         )
 
     async def _reset_window(self, task: Envelope, action: conv.ResetWindow) -> None:

@@ -30,7 +30,6 @@ from beamline.envelope import (
     ChatMessage,
     Envelope,
     ErrorPayload,
-    LLMRequestPayload,
     ReplyPayload,
     TaskPayload,
     ToolCall,
@@ -489,21 +488,16 @@ class Agent(StateClock, WindowKeeper):
         choice: ModelChoice,
         messages: tuple[ChatMessage, ...],
     ) -> Envelope:
-        """The same request id whichever provider serves it: the step is one LLM call, and
-        the gateway's result store answers a repeat of an answered one."""
-        return task.child(
-            LLMRequestPayload(
-                provider=choice.provider,
-                model=choice.model,
-                messages=messages,
-                tools=self._tools(),
-                max_tokens=self.spec.max_tokens,
-                json_output=self.spec.output == "json",
-            ),
-            id=action.request_id,
-            sender=self.name,
-            recipient=f"gateway.{choice.provider}",
-            step=self.step,
+        return llm.request(
+            task,
+            self.name,
+            self.step,
+            action.request_id,
+            choice,
+            messages,
+            self.spec.max_tokens,
+            self._tools(),
+            json_output=self.spec.output == "json",
         )
 
     @property

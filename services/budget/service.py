@@ -44,6 +44,7 @@ from beamline.control import ControlReply
 from beamline.envelope import Envelope, EventPayload, Kind
 from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
+from beamline.pulling import pull_forever
 from beamline.requests import parse_request as _parse
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
@@ -261,28 +262,20 @@ class BudgetService:
                 deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
             ),
         )
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(self.settings.fetch_batch, timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                except Exception as exc:  # NATS reconnecting: the events wait in the stream
-                    self.last_error = f"fetching call events: {exc!r}"
-                    log.warning("call events not fetched; retrying", extra={"error": repr(exc)})
-                    await asyncio.sleep(1.0)
-                    continue
-                async with self._lock:
-                    for msg in msgs:
-                        self._apply(msg)
-                    await self._save()
-                for msg in msgs:
-                    await msg.ack()
-        finally:
-            # a pull subscription left open with a fetch outstanding holds drain() for its
-            # whole timeout at shutdown
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await pull_forever(
+            sub, self.settings.fetch_batch, self._settle, "call events", self._failed
+        )
+
+    async def _settle(self, msgs: list[Msg]) -> None:
+        async with self._lock:
+            for msg in msgs:
+                self._apply(msg)
+            await self._save()
+        for msg in msgs:
+            await msg.ack()
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
 
     def _apply(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream

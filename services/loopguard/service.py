@@ -49,6 +49,7 @@ from beamline.guard import (
 from beamline.ids import derived_id
 from beamline.journal import ENTRY_MAX_BYTES
 from beamline.kvrecord import RecordConflict
+from beamline.pulling import pull_forever
 from beamline.requests import parse_request
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
@@ -155,29 +156,21 @@ class LoopguardService:
     # --- the journal ----------------------------------------------------------------------
 
     async def _watch_loop(self, journal: Any) -> None:
-        try:
-            while True:
-                try:
-                    msgs = await journal.fetch(self.settings.fetch_batch, timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                except Exception as exc:  # NATS reconnecting: the entries wait in the stream
-                    self.last_error = f"fetching journal entries: {exc!r}"
-                    log.warning("journal not fetched; retrying", extra={"error": repr(exc)})
-                    await asyncio.sleep(1.0)
-                    continue
-                for i, msg in enumerate(msgs):
-                    try:
-                        await self._on_entry(msg)
-                    except Exception as exc:  # NATS or KV unavailable for now
-                        await self._later(msgs[i:], exc)
-                        break
-                    await msg.ack()
-        finally:
-            # a pull subscription left open with a fetch outstanding holds drain() for its
-            # whole timeout at shutdown
-            with contextlib.suppress(Exception):
-                await journal.unsubscribe()
+        await pull_forever(
+            journal, self.settings.fetch_batch, self._on_batch, "journal entries", self._failed
+        )
+
+    async def _on_batch(self, msgs: list[Msg]) -> None:
+        for i, msg in enumerate(msgs):
+            try:
+                await self._on_entry(msg)
+            except Exception as exc:  # NATS or KV unavailable for now
+                await self._later(msgs[i:], exc)
+                return
+            await msg.ack()
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
 
     async def _later(self, msgs: list[Msg], exc: Exception) -> None:
         """Hand the rest of a batch back, in order, to be redelivered shortly: counts must
