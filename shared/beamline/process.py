@@ -33,12 +33,20 @@ class Process:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int | None:
+        self.terminate()
+        return self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM): it drains and exits."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                return self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+
+    def wait_stopped(self, timeout: float) -> int | None:
+        """Its exit code, once it has stopped; killed if it takes longer than `timeout`."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
         self.kill()
         return self.popen.returncode
 

@@ -23,9 +23,9 @@ from beamline.settings import MeshSettings
 
 log = logging.getLogger("beamline.runtime")
 
-# start order; stopped in reverse. The budget service before the gateway: a budgeted
-# agent's call is refused while no budget service answers. The loop guard before the agent
-# hosts: its journal consumer watches from its first start on.
+# start order; stopped in reverse. Every service is up before the agent hosts start: the
+# budget service before any budgeted call (refused while none answers), the loop guard's
+# journal consumer watching from the first step.
 SERVICES = ("recorder", "budget", "gateway", "supervisor", "loopguard", "agent")
 # the services that only guard (RuntimeOptions.guards=False leaves them out)
 GUARD_SERVICES = ("budget", "loopguard")
@@ -86,15 +86,18 @@ class Mesh:
             await streams.ensure_streams(nc.jetstream(), self.settings.mailbox_shards)
             if self.options.fakellm:
                 await self._start_fakellm()
-            for service in SERVICES:
-                if service in GUARD_SERVICES and not self.options.guards:
-                    continue
-                for name, extra in self._instances(service):
-                    self.extra_env[name] = extra
-                    self.processes.append(
-                        self._spawn(name, [sys.executable, "-m", f"services.{service}"], extra)
-                    )
-                    await self._await_health(nc, service)
+            wanted = [s for s in SERVICES if self.options.guards or s not in GUARD_SERVICES]
+            # every service before the agent hosts, as the order above asks; the services
+            # among themselves at once: each spends its first second importing
+            for phase in ([s for s in wanted if s != "agent"], ["agent"]):
+                started = []
+                for service in phase:
+                    for name, extra in self._instances(service):
+                        self.extra_env[name] = extra
+                        argv = [sys.executable, "-m", f"services.{service}"]
+                        self.processes.append(self._spawn(name, argv, extra))
+                        started.append((service, self.processes[-1]))
+                await asyncio.gather(*(self._await_health(nc, s, p) for s, p in started))
             hosts = [e["BEAMLINE_AGENT_HOST_ID"] for _, e in self._instances("agent") if e]
             await self._await_hosts(nc, hosts)
         finally:
@@ -195,8 +198,7 @@ class Mesh:
                 await asyncio.sleep(0.05)
         raise RuntimeError("fakellm did not become healthy")
 
-    async def _await_health(self, nc: NATS, service: str) -> None:
-        proc = self.processes[-1]
+    async def _await_health(self, nc: NATS, service: str, proc: Process) -> None:
         for _ in range(int(self.options.ready_timeout_s * 10)):
             if not proc.alive():
                 raise RuntimeError(
@@ -227,21 +229,34 @@ class Mesh:
         old.kill()
         new = self._spawn(name, list(old.popen.args), self.extra_env.get(name))  # type: ignore[arg-type]
         self.processes[self.processes.index(old)] = new
-        service = name.split("-", 1)[0]
+        service = _service_of(name)
         if service in SERVICES:
             nc = await bus.connect(self.nats_url, "beamline-up")
             try:
-                await self._await_health(nc, service)
+                await self._await_health(nc, service, new)
             finally:
                 await nc.close()
         return new
 
     def stop(self) -> None:
-        """Reverse start order: services drain first, NATS goes last."""
-        for proc in reversed(self.processes):
-            code = proc.stop(self.options.stop_timeout_s)
-            log.info("stopped", extra={"process": proc.name, "exit_code": code})
+        """Reverse start order: the agent hosts first (each finishes the message in hand,
+        which may need the gateway), then the services together, NATS last."""
+        hosts = [p for p in self.processes if _service_of(p.name) == "agent"]
+        services = [p for p in self.processes if _service_of(p.name) in SERVICES]
+        services = [p for p in services if p not in hosts]
+        others = [[p] for p in reversed(self.processes) if p not in hosts + services]
+        for phase in (hosts, services, *others):
+            for proc in phase:
+                proc.terminate()
+            for proc in phase:
+                code = proc.wait_stopped(self.options.stop_timeout_s)
+                log.info("stopped", extra={"process": proc.name, "exit_code": code})
         self.processes.clear()
+
+
+def _service_of(process: str) -> str:
+    """The service a process runs, from its name: `agent-hot-1` runs `agent`."""
+    return process.split("-", 1)[0]
 
 
 def _port_busy(port: int) -> bool:
