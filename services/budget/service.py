@@ -25,6 +25,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -45,7 +46,7 @@ from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
 from beamline.pulling import pull_forever
 from beamline.requests import parse_request as _parse
-from beamline.service import Background, answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.budget.ledger import Deferred, Granted, Ledger, LedgerError, Refused
 from services.budget.settings import BudgetSettings
@@ -88,7 +89,8 @@ class BudgetService:
         self.events = EventSink(nc.jetstream(), SERVICE)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._background = Background()
+        self._subs: list[Subscription] = []
+        self._loops: list[asyncio.Task[None]] = []
         self.counts = {
             "granted": 0,
             "deferred": 0,
@@ -103,24 +105,30 @@ class BudgetService:
 
     async def start(self) -> None:
         self.events.start()
-        self._background.subs.append(
+        self._subs.append(
             await self.nc.subscribe(
                 subjects.BUDGET_ALL, queue=subjects.QUEUE_BUDGET, cb=self.on_request
             )
         )
-        self._background.subs.append(await answer_health(self.nc, SERVICE, self.status))
-        self._background.start(
-            {
-                "settle": self._settle_loop(),
-                "sweep": self._sweep_loop(),
-                "report": self._report_loop(),
-            }
-        )
+        self._subs.append(await answer_health(self.nc, SERVICE, self.status))
+        for name, loop in (
+            ("settle", self._settle_loop),
+            ("sweep", self._sweep_loop),
+            ("report", self._report_loop),
+        ):
+            task = asyncio.create_task(loop(), name=name)
+            task.add_done_callback(crash_on_error)
+            self._loops.append(task)
         self._wake.set()  # exhaustions persisted but not yet acknowledged: report them
         log.info("serving", extra={"subject": subjects.BUDGET_ALL, "revision": self.store.revision})
 
     async def stop(self) -> None:
-        await self._background.stop()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         await self.events.close(timeout=5.0)
 
     def status(self) -> dict[str, Any]:

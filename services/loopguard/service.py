@@ -27,6 +27,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
@@ -50,7 +51,7 @@ from beamline.journal import ENTRY_MAX_BYTES
 from beamline.kvrecord import RecordConflict
 from beamline.pulling import pull_forever
 from beamline.requests import parse_request
-from beamline.service import Background, answer_health
+from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.loopguard.conversations import Conversations
 from services.loopguard.detector import observe
@@ -91,7 +92,8 @@ class LoopguardService:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()  # a command was queued
         self._waiters: dict[str, asyncio.Future[GuardReply]] = {}
-        self._background = Background()
+        self._subs: list[Subscription] = []
+        self._loops: list[asyncio.Task[None]] = []
         self.counts = {"entries": 0, "loops": 0, "sent": 0, "refused": 0, "answered": 0}
         self.last_error: str | None = None
 
@@ -112,24 +114,30 @@ class LoopguardService:
                 ack_wait=self.settings.ack_wait_s,
             ),
         )
-        self._background.subs.append(
+        self._subs.append(
             await self.nc.subscribe(
                 subjects.LOOPGUARD_ALL, queue=subjects.QUEUE_LOOPGUARD, cb=self.on_request
             )
         )
-        self._background.subs.append(await answer_health(self.nc, SERVICE, self.status))
-        self._background.start(
-            {
-                "watch": self._watch_loop(journal),
-                "send": self._send_loop(),
-                "deadlines": self._deadline_loop(),
-            }
-        )
+        self._subs.append(await answer_health(self.nc, SERVICE, self.status))
+        for name, loop in (
+            ("watch", self._watch_loop(journal)),
+            ("send", self._send_loop()),
+            ("deadlines", self._deadline_loop()),
+        ):
+            task = asyncio.create_task(loop, name=name)
+            task.add_done_callback(crash_on_error)
+            self._loops.append(task)
         self._wake.set()  # commands persisted but not acknowledged before a restart
         log.info("watching", extra={"open_escalations": len(self.state.open_escalations())})
 
     async def stop(self) -> None:
-        await self._background.stop()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         await self.events.close(timeout=5.0)
 
     def status(self) -> dict[str, Any]:

@@ -70,31 +70,6 @@ def crash_on_error(task: asyncio.Task[Any]) -> None:
     os._exit(70)
 
 
-class Background:
-    """A service's subscriptions and long-running loops, stopped together: subscriptions
-    first (no new work), then the loops (cancelled and awaited). A loop that dies of a bug
-    takes the process down (`crash_on_error`)."""
-
-    def __init__(self) -> None:
-        self.subs: list[Subscription] = []
-        self.loops: list[asyncio.Task[Any]] = []
-
-    def start(self, loops: dict[str, Awaitable[Any]]) -> None:
-        for name, loop in loops.items():
-            task = asyncio.ensure_future(loop)
-            task.set_name(name)
-            task.add_done_callback(crash_on_error)
-            self.loops.append(task)
-
-    async def stop(self) -> None:
-        for sub in self.subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        for task in self.loops:
-            task.cancel()
-        await asyncio.gather(*self.loops, return_exceptions=True)
-
-
 def run(
     service: str, main: Callable[[asyncio.Event], Awaitable[int | None]], level: str = "INFO"
 ) -> None:
