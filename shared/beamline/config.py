@@ -9,7 +9,6 @@ import os
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -144,8 +143,6 @@ class Deployment(Strict):
         object.__setattr__(
             self, "agents", tuple(self._with_windows(i, a) for i, a in enumerate(self.agents))
         )
-        for cached in ("_agents_by_name", "_supervised", "_chains"):  # built by the checks
-            self.__dict__.pop(cached, None)
         return self
 
     def _with_windows(self, i: int, agent: AgentSpec) -> AgentSpec:
@@ -208,20 +205,9 @@ class Deployment(Strict):
     def price(self, provider: str, model: str) -> Price | None:
         return self.prices.get(provider, {}).get(model)
 
-    @cached_property
-    def _chains(self) -> dict[str, tuple[Account, ...]]:
-        """budget_chain's answers: the gateway and the budget service ask for every call."""
-        return {}
-
     def budget_chain(self, agent: str) -> tuple[Account, ...]:
         """The accounts a call by `agent` is charged to: the agent's own (a pool member's is
         its template's budget), then each ancestor supervisor's up to the root."""
-        known = self._chains.get(agent)
-        if known is None:
-            known = self._chains[agent] = self._budget_chain(agent)
-        return known
-
-    def _budget_chain(self, agent: str) -> tuple[Account, ...]:
         spec = self.member_spec(agent)
         chain = [Account(kind=AccountKind.AGENT, name=agent, budget=spec.budget if spec else None)]
         parents = {c.id: s.name for s in self.supervisors for c in s.children}
@@ -262,20 +248,12 @@ class Deployment(Strict):
                     f"{agent.name!r}; name it as a child of one, or use isolation: task"
                 )
 
-    @cached_property
-    def _agents_by_name(self) -> dict[str, AgentSpec]:
-        return {a.name: a for a in self.agents}
-
     def agent(self, name: str) -> AgentSpec | None:
-        return self._agents_by_name.get(name)
-
-    @cached_property
-    def _supervised(self) -> frozenset[str]:
-        return frozenset(c.agent for s in self.supervisors for c in s.children if c.agent)
+        return next((a for a in self.agents if a.name == name), None)
 
     def supervised_agents(self) -> frozenset[str]:
         """Agents some supervisor names: they run only when it starts them."""
-        return self._supervised
+        return frozenset(c.agent for s in self.supervisors for c in s.children if c.agent)
 
     def pinned_agents(self) -> dict[str, dict[str, str]]:
         """Agents with placement labels, and process-isolated agents -> the labels they need
