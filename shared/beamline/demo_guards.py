@@ -10,21 +10,19 @@ events that show it printed as they are published and the ids to trace.
 - a long conversation: summarised before it overflows its model's context window.
 
 What fakellm answers is in infra/examples/fakellm-demo.yaml (the rules named scout-*,
-drafter-*, looper-*, archivist-*).
+drafter-*, fixer-*, archivist-*).
 """
 
 from __future__ import annotations
 
-import json
 import textwrap
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from beamline import budget_ops, client, escalation_ops, ops, subjects
-from beamline.demo_supervision import Lenient
+from beamline.demo_supervision import print_events
 from beamline.envelope import Envelope
 from beamline.guard import Loop, OnTimeout
 from beamline.polling import wait_for
@@ -54,20 +52,18 @@ DRAFTS = tuple(f"Draft section {i} of the launch post." for i in range(1, 7))
 async def watch(nc: NATS) -> list[Subscription]:
     """Print each guard event worth seeing, as it is published."""
 
-    async def show(msg: Msg) -> None:
-        payload = json.loads(msg.data)["payload"]
-        line = SHOWN.get(payload["name"])
-        if line is None or (payload["name"] == "agent_resumed" and "child" not in payload["data"]):
-            return
-        data = payload["data"]
-        if payload["name"] == "loop_detected":
-            loop = Loop.model_validate({k: v for k, v in data.items() if k in Loop.model_fields})
-            data = {**data, "what": loop.describe()}
-        print(f"   {line.format_map(Lenient(data))}")
+    def data(name: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        if name == "agent_resumed" and "child" not in fields:
+            return None  # the agent's own (a breaker's), not the supervisor's
+        if name == "loop_detected":
+            loop = Loop.model_validate({k: v for k, v in fields.items() if k in Loop.model_fields})
+            return {**fields, "what": loop.describe()}
+        return fields
 
-    events = await nc.subscribe(subjects.EVENTS_ALL, cb=show)
-    escalations = await nc.subscribe(subjects.ESCALATIONS_ALL, cb=show)
-    return [events, escalations]
+    return [
+        await print_events(nc, subjects.EVENTS_ALL, SHOWN, data=data),
+        await print_events(nc, subjects.ESCALATIONS_ALL, SHOWN),
+    ]
 
 
 async def run(nc: NATS) -> int:

@@ -29,16 +29,31 @@ SHOWN = {
 SLOW = "take your time"  # fakellm-demo.yaml answers these slowly: time to kill something
 
 
-async def watch_decisions(nc: NATS) -> Subscription:
-    """Print each supervisor decision worth seeing, as it is published."""
+EventData = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+
+
+async def print_events(
+    nc: NATS, subject: str, shown: dict[str, str], prefix: str = "", data: EventData | None = None
+) -> Subscription:
+    """Print each event on `subject` that `shown` has a line for, as it is published: the
+    line formatted with the event's data (through `data(name, data)` when given; None skips
+    the event)."""
 
     async def show(msg: Msg) -> None:
         payload = json.loads(msg.data)["payload"]
-        line = SHOWN.get(payload["name"])
-        if line is not None:
-            print(f"   supervisor: {line.format_map(Lenient(payload['data']))}")
+        name, fields = payload["name"], payload["data"]
+        line = shown.get(name)
+        if line is not None and data is not None:
+            fields = data(name, fields)
+        if line is not None and fields is not None:
+            print(f"   {prefix}{line.format_map(Lenient(fields))}")
 
-    return await nc.subscribe("bl.events.supervisor.>", cb=show)
+    return await nc.subscribe(subject, cb=show)
+
+
+async def watch_decisions(nc: NATS) -> Subscription:
+    """Print each supervisor decision worth seeing, as it is published."""
+    return await print_events(nc, "bl.events.supervisor.>", SHOWN, prefix="supervisor: ")
 
 
 async def run(mesh: Mesh, nc: NATS) -> int:
