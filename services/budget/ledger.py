@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from beamline.budget import Account, Budget, ConversationSpend, Price, ReserveRequest
 
 CONVERSATIONS_PER_AGENT = 50  # the latest conversations each agent's spend is itemised for
+# ... and of all agents together: the itemisation is one KV value (1 MiB at most, ~85 bytes
+# an entry); past this the busiest agent's oldest entry goes first
+CONVERSATIONS_MAX = 5_000
 USD_EPSILON = 1e-12  # float sums: a cost equal to the limit must fit
 
 
@@ -59,6 +62,12 @@ class Exhaustion(_Model):
     request_id: str
     agent: str
     reported: bool = False
+
+
+class Itemisation(_Model):
+    """The per-conversation spend, persisted apart from the ledger (services/budget/store)."""
+
+    conversations: dict[str, dict[str, Spend]] = Field(default_factory=dict)  # agent -> conv
 
 
 class LedgerRecord(_Model):
@@ -133,6 +142,7 @@ class LedgerError(ValueError):
 class Ledger:
     def __init__(self, record: LedgerRecord | None = None) -> None:
         self.record = record or LedgerRecord()
+        self._itemised = sum(len(c) for c in self.record.conversations.values())
 
     # --- limits ----------------------------------------------------------------------
 
@@ -336,12 +346,19 @@ class Ledger:
         if not conversation_id:
             return
         convs = self.record.conversations.setdefault(agent, {})
-        now = convs.pop(conversation_id, None) or Spend()  # re-inserted: the newest last
+        now = convs.pop(conversation_id, None)  # re-inserted: the newest last
+        self._itemised += now is None
+        now = now or Spend()
         convs[conversation_id] = Spend(
             tokens=now.tokens + amount.tokens, usd=now.usd + amount.usd, calls=now.calls + 1
         )
         while len(convs) > CONVERSATIONS_PER_AGENT:
             del convs[next(iter(convs))]
+            self._itemised -= 1
+        while self._itemised > CONVERSATIONS_MAX:
+            busiest = max(self.record.conversations.values(), key=len)
+            del busiest[next(iter(busiest))]
+            self._itemised -= 1
 
 
 def _over(limit: Budget, base: Spend, needed: Spend) -> bool:

@@ -22,7 +22,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -59,6 +58,7 @@ COMMANDS = ("reserve", "raise", "show")
 REQUEST_MAX_BYTES = 64 * 1024
 GATEWAY_EVENTS = "bl.events.gateway.>"  # settles use two of them; breakers' are skipped
 ACK_WAIT_S = 30.0
+REPORT_CONVERSATIONS = 1000  # = the supervisor's BULK_EVENT_NAMES
 
 
 class CallOutcome(BaseModel):
@@ -105,6 +105,17 @@ class BudgetService:
 
     async def start(self) -> None:
         self.events.start()
+        # the consumer exists before this service says it is up: on a first start (it
+        # delivers only NEW events) no call settled meanwhile is missed
+        outcomes = await self.nc.jetstream().pull_subscribe(
+            GATEWAY_EVENTS,
+            durable=subjects.CONSUMER_BUDGET,
+            stream=subjects.STREAM_EVENTS,
+            # NEW: budgets count from the service's first start, not a week of history
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
+            ),
+        )
         self._subs.append(
             await self.nc.subscribe(
                 subjects.BUDGET_ALL, queue=subjects.QUEUE_BUDGET, cb=self.on_request
@@ -112,11 +123,11 @@ class BudgetService:
         )
         self._subs.append(await answer_health(self.nc, SERVICE, self.status))
         for name, loop in (
-            ("settle", self._settle_loop),
-            ("sweep", self._sweep_loop),
-            ("report", self._report_loop),
+            ("settle", self._settle_loop(outcomes)),
+            ("sweep", self._sweep_loop()),
+            ("report", self._report_loop()),
         ):
-            task = asyncio.create_task(loop(), name=name)
+            task = asyncio.create_task(loop, name=name)
             task.add_done_callback(crash_on_error)
             self._loops.append(task)
         self._wake.set()  # exhaustions persisted but not yet acknowledged: report them
@@ -186,9 +197,12 @@ class BudgetService:
             outcome = self.ledger.reserve(
                 request, chain, price, self.clock(), self.settings.reservation_ttl_s
             )
-            if not (
-                (isinstance(outcome, Granted) and outcome.again) or isinstance(outcome, Deferred)
-            ):
+            unchanged = (
+                (isinstance(outcome, Granted) and outcome.again)
+                or isinstance(outcome, Deferred)
+                or (isinstance(outcome, Refused) and not outcome.newly_exhausted)
+            )
+            if not unchanged:
                 try:
                     await self._save()
                 except Exception:
@@ -251,17 +265,7 @@ class BudgetService:
 
     # --- call outcomes -------------------------------------------------------------------
 
-    async def _settle_loop(self) -> None:
-        js = self.nc.jetstream()
-        sub = await js.pull_subscribe(
-            GATEWAY_EVENTS,
-            durable=subjects.CONSUMER_BUDGET,
-            stream=subjects.STREAM_EVENTS,
-            # NEW: budgets count from the service's first start, not a week of history
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
-            ),
-        )
+    async def _settle_loop(self, sub: Any) -> None:
         await pull_forever(
             sub, self.settings.fetch_batch, self._settle, "call events", self._failed
         )
@@ -270,7 +274,7 @@ class BudgetService:
         async with self._lock:
             for msg in msgs:
                 self._apply(msg)
-            await self._save()
+            await self._save(itemisation=True)
         for msg in msgs:
             await msg.ack()
 
@@ -343,7 +347,9 @@ class BudgetService:
         """Ask the leading supervisor to stop the subtree; True once acknowledged."""
         kind, name = key.split(":", 1)
         account = self._account(AccountKind(kind), name)
-        exhaustion = self.ledger.record.exhausted[key]
+        exhaustion = self.ledger.record.exhausted.get(key)
+        if exhaustion is None:  # raised meanwhile: nothing to stop any more
+            return True
         if not self.deployment.supervisors:
             log.warning("budget exhausted; no supervisor declared, so its calls stay refused")
             return True
@@ -364,7 +370,8 @@ class BudgetService:
             spent_usd=spent.usd,
             refused_request=exhaustion.request_id,
             refused_agent=exhaustion.agent,
-            conversations=tuple(self.ledger.conversations(under)),
+            # bounded: one NATS message, and the supervisor's event names no more anyway
+            conversations=tuple(self.ledger.conversations(under)[-REPORT_CONVERSATIONS:]),
         )
         try:
             msg = await self.nc.request(
@@ -373,7 +380,7 @@ class BudgetService:
                 timeout=self.settings.supervisor_timeout_s,
             )
             reply = ControlReply.model_validate_json(msg.data)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValidationError) as exc:
+        except Exception as exc:  # no supervisor, timeout, NATS down, an unreadable answer
             self.last_error = f"supervisor did not acknowledge {key} exhausted: {exc!r}"
             log.warning("exhaustion not acknowledged; will re-send", extra={"account": key})
             return False
@@ -384,9 +391,12 @@ class BudgetService:
 
     # --- helpers -------------------------------------------------------------------------
 
-    async def _save(self) -> None:
+    async def _save(self, itemisation: bool = False) -> None:
+        """The ledger, and with `itemisation` the per-conversation spend (store.py)."""
         try:
             await self.store.save(self.ledger.record)
+            if itemisation:
+                await self.store.save_itemisation(self.ledger.record)
         except LedgerConflict:
             log.critical("ledger written by another instance; exiting", exc_info=True)
             os._exit(70)

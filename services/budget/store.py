@@ -1,6 +1,12 @@
-"""The ledger's persistence: one key (`ledger`) in the KV bucket `BL_BUDGET`, replaced by
-compare-and-set after every change and before any answer that depends on it
-(`beamline.kvrecord`).
+"""The ledger's persistence in the KV bucket `BL_BUDGET`, two keys replaced by
+compare-and-set (`beamline.kvrecord`):
+
+- `ledger`: spend, holds, raised limits, exhaustions; written after every change and before
+  any answer that depends on it (each reservation);
+- `conversations`: the per-conversation itemisation the exhaustion reports list, written
+  after each batch of settled calls. It is most of the bytes (200 agents x 50 conversations
+  is 830 KB) and no reservation changes it, so a reservation no longer writes it. A crash
+  between the two writes loses one batch's itemisation, never spend.
 
 Why KV and not a rebuild from the event stream: reservations are not events (they are held
 and dropped within a call), and a restarted service must know what is held as well as what
@@ -16,16 +22,17 @@ from nats.js.kv import KeyValue
 from beamline import subjects
 from beamline.kvrecord import KVRecord
 from beamline.kvrecord import RecordConflict as LedgerConflict
-from services.budget.ledger import LedgerRecord
+from services.budget.ledger import Itemisation, LedgerRecord
 
-__all__ = ["KEY", "LedgerConflict", "LedgerStore"]
+__all__ = ["ITEMISATION_KEY", "KEY", "LedgerConflict", "LedgerStore"]
 
 KEY = "ledger"
+ITEMISATION_KEY = "conversations"
 
 
-class LedgerStore(KVRecord[LedgerRecord]):
+class LedgerStore:
     def __init__(self, kv: KeyValue) -> None:
-        super().__init__(
+        self.core = KVRecord(
             kv,
             subjects.BUCKET_BUDGET,
             KEY,
@@ -33,4 +40,32 @@ class LedgerStore(KVRecord[LedgerRecord]):
             what="the budget ledger",
             forgets="forgets all spend",
             service="budget",
+            exclude=frozenset({"conversations"}),
         )
+        self.itemisation = KVRecord(
+            kv,
+            subjects.BUCKET_BUDGET,
+            ITEMISATION_KEY,
+            Itemisation,
+            what="the budget's per-conversation itemisation",
+            forgets="forgets which conversations spent what; spend stays",
+            service="budget",
+        )
+
+    @property
+    def revision(self) -> int:
+        return self.core.revision
+
+    async def load(self) -> LedgerRecord:
+        record = await self.core.load()
+        items = await self.itemisation.load()
+        if items.conversations:  # a ledger written before the split keeps its own
+            record.conversations = items.conversations
+        return record
+
+    async def save(self, record: LedgerRecord) -> None:
+        """Before an answer that depends on it: everything but the itemisation."""
+        await self.core.save(record)
+
+    async def save_itemisation(self, record: LedgerRecord) -> None:
+        await self.itemisation.save(Itemisation(conversations=record.conversations))

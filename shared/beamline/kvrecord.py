@@ -39,9 +39,11 @@ class KVRecord(Generic[M]):
         what: str,
         forgets: str,
         service: str,
+        exclude: frozenset[str] = frozenset(),
     ) -> None:
         self.kv, self.bucket, self.key, self.model = kv, bucket, key, model
         self.what, self.forgets, self.service = what, forgets, service
+        self.exclude = exclude  # fields kept elsewhere (another key), not written here
         self.revision = 0  # 0: the key does not exist yet
         self.saves = 0
 
@@ -63,7 +65,7 @@ class KVRecord(Generic[M]):
             ) from exc
 
     async def save(self, record: M) -> None:
-        data = record.model_dump_json().encode()
+        data = record.model_dump_json(exclude=set(self.exclude) or None).encode()
         try:
             if self.revision == 0:
                 self.revision = await self.kv.create(self.key, data)

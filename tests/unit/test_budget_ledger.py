@@ -15,6 +15,8 @@ from beamline.budget import (
 )
 from beamline.envelope import ChatMessage, LLMRequestPayload
 from services.budget.ledger import (
+    CONVERSATIONS_MAX,
+    CONVERSATIONS_PER_AGENT,
     Deferred,
     Granted,
     Ledger,
@@ -198,3 +200,19 @@ def test_the_input_estimate_covers_what_the_provider_counts() -> None:
     )
     # fakellm (like a tokenizer on English) counts about one token per 4 characters
     assert estimate_input_tokens(payload) >= (1040 + 3) // 4
+
+
+def test_the_itemisation_is_bounded_across_agents_the_busiest_losing_its_oldest() -> None:
+    ledger = Ledger()
+    for agent in range(CONVERSATIONS_MAX // CONVERSATIONS_PER_AGENT + 5):
+        for conv in range(CONVERSATIONS_PER_AGENT + 3):  # past the per-agent bound too
+            ledger.settle(f"r{agent}-{conv}", f"a{agent}", chain(), 1, 1, None, f"c{conv}")
+    kept = ledger.record.conversations
+    assert sum(len(c) for c in kept.values()) == CONVERSATIONS_MAX
+    assert all(len(c) <= CONVERSATIONS_PER_AGENT for c in kept.values())
+    newest = f"c{CONVERSATIONS_PER_AGENT + 2}"
+    assert newest in kept[f"a{CONVERSATIONS_MAX // CONVERSATIONS_PER_AGENT + 4}"]
+    # a restarted ledger counts what it reads back, and keeps the bound
+    again = Ledger(ledger.record.model_copy(deep=True))
+    again.settle("r-more", "a-new", chain(), 1, 1, None, "c-new")
+    assert sum(len(c) for c in again.record.conversations.values()) == CONVERSATIONS_MAX
