@@ -9,7 +9,6 @@ spending without a limit.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import nats.errors
@@ -31,7 +30,7 @@ log = logging.getLogger("services.gateway")
 class Reservations:
     def __init__(self, nc: NATS, deployment: Deployment, timeout_s: float) -> None:
         self._nc, self._timeout_s = nc, timeout_s
-        self.budgeted = functools.lru_cache(maxsize=100_000)(deployment.budgeted)
+        self.budgeted = deployment.budgeted
         self.refused = 0
 
     async def reserve(self, request: Envelope, payload: LLMRequestPayload) -> Reply | None:

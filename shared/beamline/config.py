@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -143,6 +144,7 @@ class Deployment(Strict):
         object.__setattr__(
             self, "agents", tuple(self._with_windows(i, a) for i, a in enumerate(self.agents))
         )
+        self.__dict__.pop("_agents_by_name", None)  # built by the checks, from the old tuple
         return self
 
     def _with_windows(self, i: int, agent: AgentSpec) -> AgentSpec:
@@ -209,19 +211,34 @@ class Deployment(Strict):
         """The accounts a call by `agent` is charged to: the agent's own (a pool member's is
         its template's budget), then each ancestor supervisor's up to the root."""
         spec = self.member_spec(agent)
-        chain = [Account(kind=AccountKind.AGENT, name=agent, budget=spec.budget if spec else None)]
+        own = Account(kind=AccountKind.AGENT, name=agent, budget=spec.budget if spec else None)
+        template = None if self.agent(agent) else pool_template(agent, self._pool_templates)
+        return (own, *self._supervisor_chains.get(template or agent, ()))
+
+    @cached_property
+    def _supervisor_chains(self) -> dict[str, tuple[Account, ...]]:
+        """Each declared child's ancestor supervisors' accounts, nearest first: computed once
+        (the gateway and the budget service ask per call), one entry per declared name."""
         parents = {c.id: s.name for s in self.supervisors for c in s.children}
-        template = None if self.agent(agent) else pool_template(agent, self.pools().values())
-        parent = parents.get(template or agent)
         by_name = {s.name: s for s in self.supervisors}
-        seen: set[str] = set()
-        while parent is not None and parent not in seen:
-            seen.add(parent)
-            chain.append(
-                Account(kind=AccountKind.SUPERVISOR, name=parent, budget=by_name[parent].budget)
-            )
-            parent = parents.get(parent)
-        return tuple(chain)
+        chains: dict[str, tuple[Account, ...]] = {}
+        for child in parents:
+            chain: list[Account] = []
+            parent: str | None = parents[child]
+            while parent is not None and all(a.name != parent for a in chain):
+                budget = by_name[parent].budget
+                chain.append(Account(kind=AccountKind.SUPERVISOR, name=parent, budget=budget))
+                parent = parents.get(parent)
+            chains[child] = tuple(chain)
+        return chains
+
+    @cached_property
+    def _pool_templates(self) -> frozenset[str]:
+        return frozenset(self.pools().values())
+
+    @cached_property
+    def _agents_by_name(self) -> dict[str, AgentSpec]:
+        return {a.name: a for a in self.agents}
 
     def budgeted(self, agent: str) -> bool:
         """Whether a call by `agent` must be reserved: some account on its chain has a budget."""
@@ -249,7 +266,7 @@ class Deployment(Strict):
                 )
 
     def agent(self, name: str) -> AgentSpec | None:
-        return next((a for a in self.agents if a.name == name), None)
+        return self._agents_by_name.get(name)
 
     def supervised_agents(self) -> frozenset[str]:
         """Agents some supervisor names: they run only when it starts them."""
@@ -284,7 +301,7 @@ class Deployment(Strict):
         spec = self.agent(name)
         if spec is not None:
             return spec
-        template = pool_template(name, self.pools().values())
+        template = pool_template(name, self._pool_templates)
         return None if template is None else self.agent(template)
 
     def loop_guard(self, agent: str) -> LoopGuard | None:
