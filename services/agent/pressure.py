@@ -85,18 +85,18 @@ class WindowKeeper:
         raise NotImplementedError
 
     async def _summarise(
-        self, task: Envelope, journal: list[Envelope], action: conv.Summarise
+        self, spec: AgentSpec, task: Envelope, journal: list[Envelope], action: conv.Summarise
     ) -> None:
         response = await self._summary_call(task, action)
         payload = response.payload if response is not None else None
         summary = (
-            conv.summarised(self.spec, journal, action, payload)
+            conv.summarised(spec, journal, action, payload)
             if isinstance(payload, LLMResponsePayload)
             else None
         )
         if response is None or summary is None:
             fresh = conv.reset_window(
-                self.spec, journal, task.id, self.name, action.limits, action.tokens_before
+                spec, journal, task.id, self.name, action.limits, action.tokens_before
             )
             if isinstance(fresh, conv.Fail):
                 raise CallerError(fresh.message, fresh.reason)

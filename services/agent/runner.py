@@ -342,6 +342,7 @@ class Agent(StateClock, WindowKeeper):
             await delivery.msg.ack()
 
     async def _work(self, task: Envelope) -> None:
+        spec = self._spec_for(task.conversation_id)
         journal = await self.ctx.journal.load(self.name, task.conversation_id)
         if not any(e.id == task.id for e in journal):
             self.state = State.RUNNING
@@ -350,15 +351,15 @@ class Agent(StateClock, WindowKeeper):
             # read the journal afresh each step: the cache may have swapped the list
             journal = await self.ctx.journal.load(self.name, task.conversation_id)
             limits = self._limits()
-            action = conv.next_action(self.spec, journal, task.id, self.name, limits)
+            action = conv.next_action(spec, journal, task.id, self.name, limits)
             match action:
                 case conv.Done(outcome=outcome):
                     await self._publish_outcome(task, outcome)
                     return
                 case conv.CallLLM():
-                    await self._call_llm(task, journal, action)
+                    await self._call_llm(spec, task, journal, action)
                 case conv.Summarise():
-                    await self._summarise(task, journal, action)
+                    await self._summarise(spec, task, journal, action)
                 case conv.ResetWindow():
                     await self._reset_window(task, action)
                 case conv.RunTools(calls=calls, after=after):
@@ -376,15 +377,22 @@ class Agent(StateClock, WindowKeeper):
                 case conv.Fail(reason=reason, message=message):
                     raise CallerError(message, reason)
 
+    def _spec_for(self, conversation_id: str) -> AgentSpec:
+        """The spec a conversation runs with: the loop guard's addendum, when it is for this
+        conversation, ends the system prompt. Every decision and estimate of the task (what
+        fits the window, what a summary leaves) sees the prompt the model will get."""
+        prompt = with_addendum(self.spec.system_prompt, self.addendum, conversation_id)
+        if prompt == self.spec.system_prompt:
+            return self.spec
+        return self.spec.model_copy(update={"system_prompt": prompt})
+
     async def _call_llm(
-        self, task: Envelope, journal: list[Envelope], action: conv.CallLLM
+        self, spec: AgentSpec, task: Envelope, journal: list[Envelope], action: conv.CallLLM
     ) -> None:
         self.step = action.index + 1
-        messages = with_addendum(
-            conv.chat_messages(self.spec, journal), self.addendum, task.conversation_id
-        )
-        tokens = estimate_tokens(messages, self._tools()) + self.spec.max_tokens
-        threshold = self.spec.context.threshold
+        messages = conv.chat_messages(spec, journal)
+        tokens = estimate_tokens(messages, self._tools()) + spec.max_tokens
+        threshold = spec.context.threshold
 
         def fits(choice: ModelChoice) -> bool:
             window = choice.context_window

@@ -30,7 +30,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from beamline.envelope import ChatMessage
 from beamline.ids import is_token
 
 MAX_ADDENDUM_CHARS = 4000
@@ -153,18 +152,12 @@ def addendum_text(loop: Loop, say: str | None = None) -> str:
     return text[:MAX_ADDENDUM_CHARS]
 
 
-def with_addendum(
-    messages: tuple[ChatMessage, ...], addendum: Addendum | None, conversation_id: str
-) -> tuple[ChatMessage, ...]:
-    """The messages with `addendum` appended to the system prompt (the first message), when
-    it is for this conversation; unchanged otherwise."""
-    if addendum is None or addendum.conversation_id != conversation_id or not messages:
-        return messages
-    system = messages[0]
-    if system.role != "system":
-        return (ChatMessage(role="system", content=addendum.text), *messages)
-    content = f"{system.content}\n\n{addendum.text}" if system.content else addendum.text
-    return (system.model_copy(update={"content": content}), *messages[1:])
+def with_addendum(prompt: str, addendum: Addendum | None, conversation_id: str) -> str:
+    """The system prompt with `addendum` appended, when it is for this conversation;
+    unchanged otherwise."""
+    if addendum is None or addendum.conversation_id != conversation_id:
+        return prompt
+    return f"{prompt}\n\n{addendum.text}" if prompt else addendum.text
 
 
 # --- loopguard -> supervisor ------------------------------------------------------------

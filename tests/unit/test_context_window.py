@@ -5,6 +5,8 @@ and failed when not even a fresh window fits."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from beamline.budget import estimate_tokens
@@ -20,8 +22,10 @@ from beamline.envelope import (
     ToolResultPayload,
 )
 from beamline.errors import Reason
+from beamline.guard import Addendum
 from services.agent import conversation as conv
 from services.agent import window
+from services.agent.runner import Agent
 from services.agent.window import Limits
 
 SPEC = AgentSpec(
@@ -285,3 +289,24 @@ def _answer(action: conv.Summarise, text: str = "pages so far") -> LLMResponsePa
         model="m",
         message=ChatMessage(role="assistant", content=text),
     )
+
+
+def test_the_loop_guards_addendum_counts_in_the_window_the_agent_plans_for() -> None:
+    """The addendum joins the system prompt the model gets; the decision to summarise must
+    see it too. When they disagreed, a call the addendum tipped over the window was never
+    sent and never planned for: the host's event loop spun on that step forever."""
+    agent = Agent(SPEC, cast(Any, None))
+    journal = [TASK, *reading(3)]
+    budget = LIMITS.budget(SPEC.context.threshold)
+    room = budget - conv.request_tokens(SPEC, journal, LIMITS)
+    assert room > 0  # without the addendum the call fits
+    assert isinstance(conv.next_action(SPEC, journal, TASK.id, "reader", LIMITS), conv.CallLLM)
+
+    agent.addendum = Addendum(conversation_id="c", text="Loop guard: " + "y" * (room * 4 + 40))
+    spec = agent._spec_for("c")
+    assert spec.system_prompt.endswith(agent.addendum.text)
+    assert conv.request_tokens(spec, journal, LIMITS) > budget
+    planned = conv.next_action(spec, journal, TASK.id, "reader", LIMITS)
+    assert isinstance(planned, conv.Summarise | conv.ResetWindow)
+    # another conversation's spec is the agent's own
+    assert agent._spec_for("other") is SPEC

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from beamline import config
-from beamline.envelope import ChatMessage
 from beamline.errors import ConfigError
 from beamline.guard import (
     Addendum,
@@ -126,16 +125,14 @@ def test_the_addendum_says_what_repeated_and_joins_only_its_conversations_system
     text = addendum_text(loop, say="use the cache")
     assert 'called the tool `search` 3 times with the same arguments {"q":"x"}' in text
     assert text.startswith("Loop guard:") and text.endswith("says: use the cache")
-    messages = (
-        ChatMessage(role="system", content="You are a researcher."),
-        ChatMessage(role="user", content="hi"),
-    )
+    prompt = "You are a researcher."
     addendum = Addendum(conversation_id="c1", text=text)
-    guarded = with_addendum(messages, addendum, "c1")
-    assert guarded[0].content == f"You are a researcher.\n\n{text}"
-    assert guarded[1:] == messages[1:]
-    assert with_addendum(messages, addendum, "c2") == messages  # another conversation
-    assert with_addendum(messages, None, "c1") == messages
+    guarded = with_addendum(prompt, addendum, "c1")
+    assert guarded == f"You are a researcher.\n\n{text}"
+    assert guarded.startswith(prompt)  # the agent's own prompt first, unchanged
+    assert with_addendum(prompt, addendum, "c2") == prompt  # another conversation
+    assert with_addendum(prompt, None, "c1") == prompt
+    assert with_addendum("", addendum, "c1") == text
     similar = Loop(kind=LoopKind.SIMILAR_OUTPUT, count=3, text="I will check again. " * 30)
     assert "3 nearly identical answers in a row" in addendum_text(similar)
     assert len(similar.describe()) < 400  # the repeated text is quoted, shortened
