@@ -135,15 +135,6 @@ class Host:
     def mailboxes(self) -> list[MailboxConsumer]:
         return [*self.shards.values(), *self.pinned.values()]
 
-    async def keep_waiting_messages(self) -> None:
-        """Every third of `ack_wait_s`, keep the messages held that long from redelivery
-        (queued behind a busy agent, or held by a paused one)."""
-        period = self.settings.ack_wait_s / 3
-        while True:
-            await asyncio.sleep(period)
-            for mailbox in self.mailboxes():
-                await mailbox.keep(period)
-
     # --- the supervisor's commands ----------------------------------------------------
 
     def obey(self, term: int) -> None:

@@ -17,6 +17,7 @@ message that kills every host it reaches is dead-lettered as poison, not replaye
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Container
@@ -33,6 +34,7 @@ from nats.js.kv import KeyValue
 from beamline import subjects
 from beamline.deadletter import dead_letter_msg
 from beamline.errors import CallerError, Reason
+from beamline.service import crash_on_error
 from services.agent import intake
 from services.agent.runner import Delivery
 from services.agent.settings import AgentHostSettings
@@ -93,6 +95,7 @@ class MailboxConsumer:
         self.received = 0
         self.dead_lettered = 0
         self._sub: Subscription | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._attempts: KeyValue | None = None
         self._replay_upto = 0  # stream seqs up to here were delivered to a dead owner
         self._config = ConsumerConfig(
@@ -140,11 +143,25 @@ class MailboxConsumer:
             manual_ack=True,
             pending_msgs_limit=self.settings.max_in_flight * 2,
         )
+        self._keeper = asyncio.create_task(self._keep_waiting(), name=f"keep:{self.name}")
+        self._keeper.add_done_callback(crash_on_error)
 
     async def stop_taking(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
+
+    async def _keep_waiting(self) -> None:
+        """Every third of `ack_wait_s`, keep the messages held that long from redelivery
+        (queued behind a busy agent, or held by a paused one): in every process that
+        consumes a mailbox, an agent host's shards as an isolated agent's own."""
+        period = self.settings.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(period)
+            await self.keep(period)
 
     async def _route(self, msg: Msg) -> None:
         self.received += 1

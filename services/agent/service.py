@@ -8,7 +8,7 @@ from typing import Any
 
 from beamline import bus, config, nats_auth, streams
 from beamline.nats_auth import Role
-from beamline.service import answer_health, crash_on_error
+from beamline.service import answer_health
 from beamline.settings import MeshSettings
 from services.agent.control import Control
 from services.agent.dispatch import Dispatcher
@@ -53,8 +53,6 @@ async def main(stop: asyncio.Event) -> None:
         }
 
     health = await answer_health(nc, "agent", status)
-    keeper = asyncio.create_task(host.keep_waiting_messages(), name="mailbox-keeper")
-    keeper.add_done_callback(crash_on_error)
     await control.start()
     await dispatcher.start()
     log.info(
@@ -73,7 +71,6 @@ async def main(stop: asyncio.Event) -> None:
     for mailbox in host.mailboxes():
         await mailbox.stop_taking()
     await asyncio.gather(*(a.stop(timeout=10) for a in host.agents.values()))
-    keeper.cancel()
     await ctx.close()
     await control.close()
     await health.unsubscribe()

@@ -37,6 +37,12 @@ providers:
 agents:
   - {name: loner, role: lone, models: [{provider: solo, model: m-solo}]}
 """
+# the same agent in a process of its own: it consumes its mailbox itself, and must keep its
+# held messages from redelivery as a host does
+ISOLATED_ONE_PROVIDER = (
+    ONE_PROVIDER.replace("m-solo}]}", "m-solo}], isolation: process}")
+    + "supervisors:\n  - {name: root, strategy: one_for_one, children: [{agent: loner}]}\n"
+)
 DOWN = "rules:\n  - {name: down, match: {}, fault: {status: %d}}\ndefault: {text: unused}\n"
 HEALED = "default: {text: '%s: {last_user}'}\n"
 FAST_RETRIES = {"BEAMLINE_AGENT_RETRY_BASE_S": "0.05", "BEAMLINE_AGENT_RETRY_CAP_S": "0.1"}
@@ -252,6 +258,44 @@ async def test_a_single_provider_agent_is_paused_and_resumes_with_no_message_los
     assert paused_event["agent"] == "loner" and paused_event["provider"] == "solo"
     assert "HTTP 503" in paused_event["reason"]
     assert resumed_event["provider"] == "solo" and resumed_event["paused_s"] > 2
+
+
+async def test_an_isolated_agent_paused_longer_than_ack_wait_loses_no_message(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "one.yaml").write_text(ISOLATED_ONE_PROVIDER)
+    (tmp_path / "solo.yaml").write_text(DOWN % 503)
+    mesh = await start_mesh(
+        config=tmp_path / "one.yaml",
+        script=tmp_path / "solo.yaml",
+        env={  # as above: any redelivery would be dead-lettered as poison
+            "BEAMLINE_AGENT_TRANSIENT_RETRIES": "0",
+            "BEAMLINE_AGENT_MAX_DELIVERIES": "1",
+            "BEAMLINE_AGENT_ACK_WAIT_S": "2",
+            "BEAMLINE_AGENT_BREAKER_RECHECK_S": "1",
+        },
+    )
+    solo = Fake(mesh.fakellm_url)
+    prompts = [f"message {i}" for i in range(1, 4)]
+    conversations = [await client.submit(mesh.nc, subjects.inbox("loner"), p) for p in prompts]
+
+    async def paused() -> dict[str, Any] | None:
+        row = await agent_row(mesh, "loner")
+        return row if row["state"] == "paused" else None
+
+    row = await wait_for(paused, timeout=30, what="loner paused in its own process")
+    assert row["isolation"] == "process" and row["pid"]
+    # paused through three times ack_wait: only the keep-alive holds its messages
+    await wait_for(lambda: _calls_at_least(solo, 6), timeout=30, what="failed trials for 6 s")
+
+    await solo.script(HEALED % "solo")
+    texts = []
+    for conversation in conversations:
+        reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+        assert reply.kind.value == "reply", reply
+        texts.append(client.reply_text(reply))
+    assert texts == [f"solo: {p}" for p in prompts]
+    assert (await mesh.js.stream_info(subjects.STREAM_DLQ)).state.messages == 0
 
 
 async def _calls_at_least(fake: Fake, n: int) -> bool:
