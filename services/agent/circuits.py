@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from nats.js.client import JetStreamContext
 
 from beamline import subjects
+from beamline.backoff import backoff
 from beamline.circuit import BreakerRecord, Circuit
 from beamline.config import ModelChoice
 from beamline.service import crash_on_error
@@ -94,12 +95,12 @@ class CircuitView:
     async def _follow(self, js: JetStreamContext) -> None:
         """Watch the bucket for as long as the host runs; a broken watch is re-opened with
         capped backoff (re-opening replays the current records, so nothing is missed)."""
-        delay = WATCH_RETRY_S
+        failures = 0
         while True:
             try:
                 kv = await js.key_value(subjects.BUCKET_BREAKERS)
                 watcher = await kv.watchall()
-                delay = WATCH_RETRY_S
+                failures = 0
                 async for entry in watcher:
                     if entry is None or entry.value is None or entry.operation is not None:
                         continue  # the end-of-replay marker, or a deleted key
@@ -107,12 +108,12 @@ class CircuitView:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failures += 1
                 log.warning(
                     "breaker watch lost; re-opening it",
-                    extra={"retry_in_s": delay, "error": repr(exc)},
+                    extra={"failures": failures, "error": repr(exc)},
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WATCH_RETRY_CAP_S)
+            await asyncio.sleep(backoff(failures, WATCH_RETRY_S, WATCH_RETRY_CAP_S))
 
     def _take(self, value: bytes) -> None:
         try:

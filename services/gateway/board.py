@@ -13,6 +13,7 @@ import logging
 
 from nats.js.kv import KeyValue
 
+from beamline.backoff import backoff
 from beamline.circuit import BreakerRecord
 from beamline.service import finish_then_cancel
 
@@ -46,7 +47,7 @@ class BreakerBoard:
         await finish_then_cancel(self._task, self._flushed.wait, timeout)
 
     async def _run(self) -> None:
-        delay = RETRY_S
+        failures = 0
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -55,15 +56,16 @@ class BreakerBoard:
                     await self._kv.put(provider, record.to_bytes())
                 except Exception as exc:  # NATS reconnecting: keep it and try again
                     self.failed += 1
+                    failures += 1
+                    delay = backoff(failures, RETRY_S, RETRY_CAP_S)
                     log.warning(
                         "breaker state not written; retrying",
                         extra={"provider": provider, "retry_in_s": delay, "error": repr(exc)},
                     )
                     self._dirty.set()
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_CAP_S)
                     break
-                delay = RETRY_S
+                failures = 0
                 self.written += 1
                 if self._latest.get(provider) is record:  # not replaced meanwhile
                     del self._latest[provider]

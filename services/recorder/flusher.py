@@ -27,8 +27,8 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from nats.aio.client import Client as NATS
 
 from beamline import rows, storage
+from beamline.backoff import backoff
 from beamline.errors import Reason
-from services.recorder.backoff import backoff
 from services.recorder.batch import Batch
 from services.recorder.health import Health, first_line
 from services.recorder.puller import AckMeta

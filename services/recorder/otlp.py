@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from beamline import spans, storage
+from beamline.backoff import backoff
 from beamline.errors import ConfigError
-from services.recorder.backoff import backoff
 from services.recorder.settings import RecorderSettings
 
 if TYPE_CHECKING:

@@ -32,11 +32,11 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from beamline import bus, nats_auth, storage, streams, subjects
+from beamline.backoff import backoff
 from beamline.errors import ConfigError
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.recorder import fastpath, otlp
-from services.recorder.backoff import backoff
 from services.recorder.flusher import Flusher
 from services.recorder.health import Health, first_line
 from services.recorder.puller import Puller

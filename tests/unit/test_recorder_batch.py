@@ -9,8 +9,8 @@ import pytest
 from nats.aio.client import Client as NATSClient
 
 from beamline import rows
+from beamline.backoff import backoff
 from services.recorder import fastpath
-from services.recorder.backoff import backoff
 from services.recorder.batch import Batch
 from services.recorder.puller import parse_ack_reply
 

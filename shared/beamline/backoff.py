@@ -1,5 +1,6 @@
-"""How long to wait before the next attempt: every retry loop of the recorder (JetStream
-set-up, connecting to ClickHouse, a failed insert) uses this one schedule."""
+"""How long to wait before the next attempt: the one schedule of the services' retry loops
+(the recorder's JetStream set-up, ClickHouse connections and inserts; the gateway's breaker
+board; an agent host's breaker watch)."""
 
 from __future__ import annotations
 
