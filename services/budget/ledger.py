@@ -143,6 +143,12 @@ class Ledger:
     def __init__(self, record: LedgerRecord | None = None) -> None:
         self.record = record or LedgerRecord()
         self._itemised = sum(len(c) for c in self.record.conversations.values())
+        self.itemisation_changes = 0  # the service persists the itemisation when this moved
+        # what the holds add up to per account, kept as holds come and go: a reservation
+        # checks its chain without summing every call in flight
+        self._held: dict[str, Spend] = {}
+        for hold in self.record.holds.values():
+            self._count_hold(hold, 1)
 
     # --- limits ----------------------------------------------------------------------
 
@@ -218,6 +224,7 @@ class Ledger:
             expires_at=now + ttl_s,
         )
         self.record.holds[hold.request_id] = hold
+        self._count_hold(hold, 1)
         return Granted(hold)
 
     def settle(
@@ -232,7 +239,7 @@ class Ledger:
     ) -> Spend:
         """Charge a call's actual usage: to its hold's accounts, or (a call made without a
         reservation: an agent with no budget on its chain) to `chain`."""
-        hold = self.record.holds.pop(request_id, None) or self.record.late.pop(request_id, None)
+        hold = self._drop_hold(request_id) or self.record.late.pop(request_id, None)
         accounts = hold.accounts if hold else tuple(a.key for a in chain)
         if not accounts:  # no hold and no agent known: nobody to charge
             return Spend()
@@ -249,7 +256,7 @@ class Ledger:
 
     def release(self, request_id: str) -> Hold | None:
         """The call failed: nothing was spent (a provider does not bill a failed call)."""
-        hold = self.record.holds.pop(request_id, None)
+        hold = self._drop_hold(request_id)
         if hold is None:
             late = self.record.late.pop(request_id, None)
             if late is not None and late.charged:
@@ -264,7 +271,7 @@ class Ledger:
             del self.record.late[rid]
         expired = [h for h in self.record.holds.values() if h.expires_at <= now]
         for hold in expired:
-            del self.record.holds[hold.request_id]
+            self._drop_hold(hold.request_id)
             self._charge(hold.accounts, Spend(tokens=hold.tokens, usd=hold.usd, calls=1))
             late = hold.model_copy(update={"charged": True, "expires_at": now + late_window_s})
             self.record.late[hold.request_id] = late
@@ -276,10 +283,7 @@ class Ledger:
         return self.record.spent.get(key) or Spend()
 
     def held(self, key: str) -> Spend:
-        holds = [h for h in self.record.holds.values() if key in h.accounts]
-        return Spend(
-            tokens=sum(h.tokens for h in holds), usd=sum(h.usd for h in holds), calls=len(holds)
-        )
+        return self._held.get(key) or Spend()
 
     def view(self, account: Account) -> dict[str, object]:
         limit = self.limit(account)
@@ -342,9 +346,29 @@ class Ledger:
                 calls=now.calls + amount.calls,
             )
 
+    def _drop_hold(self, request_id: str) -> Hold | None:
+        hold = self.record.holds.pop(request_id, None)
+        if hold is not None:
+            self._count_hold(hold, -1)
+        return hold
+
+    def _count_hold(self, hold: Hold, sign: int) -> None:
+        for key in hold.accounts:
+            now = self._held.get(key) or Spend()
+            held = Spend(
+                tokens=now.tokens + sign * hold.tokens,
+                usd=now.usd + sign * hold.usd,
+                calls=now.calls + sign,
+            )
+            if held.calls:
+                self._held[key] = held
+            else:  # none left: exactly zero, not a float sum's residue
+                self._held.pop(key, None)
+
     def _itemise(self, agent: str, conversation_id: str, amount: Spend) -> None:
         if not conversation_id:
             return
+        self.itemisation_changes += 1
         convs = self.record.conversations.setdefault(agent, {})
         now = convs.pop(conversation_id, None)  # re-inserted: the newest last
         self._itemised += now is None

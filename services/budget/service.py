@@ -8,8 +8,11 @@ the ledger's answers into replies, events and reports to the supervisor.
     bl.sup.budget       (request to the supervisor) stop an exhausted subtree; re-sent
                         until the leader acknowledges
 
-Every ledger change is persisted (`LedgerStore`) before the answer that depends on it, all
-under one lock, so the persisted ledger is always what was answered.
+Every ledger change is made in memory at once (no await between reading the ledger and
+changing it) and persisted (`LedgerStore`) before the answer that depends on it, so the
+persisted ledger is always what was answered. Concurrent reservations share their writes
+(`KVRecord` group-commits). The per-conversation itemisation is persisted every
+`itemisation_flush_s` and at stop: no answer depends on it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ REQUEST_MAX_BYTES = 64 * 1024
 GATEWAY_EVENTS = "bl.events.gateway.>"  # settles use two of them; breakers' are skipped
 ACK_WAIT_S = 30.0
 REPORT_CONVERSATIONS = 1000  # = the supervisor's BULK_EVENT_NAMES
+REQUESTS_IN_FLIGHT = 256  # answered at once; past this the subscription waits its turn
 
 
 class CallOutcome(BaseModel):
@@ -87,9 +91,11 @@ class BudgetService:
         self.settings, self.deployment, self.nc = settings, deployment, nc
         self.store, self.ledger, self.clock = store, ledger, clock
         self.events = EventSink(nc.jetstream(), SERVICE)
-        self._lock = asyncio.Lock()
+        self._itemisation_saved = 0  # ledger.itemisation_changes when last persisted
         self._wake = asyncio.Event()
         self._subs: list[Subscription] = []
+        self._answering: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
         self._loops: list[asyncio.Task[None]] = []
         self.counts = {
             "granted": 0,
@@ -126,6 +132,7 @@ class BudgetService:
             ("settle", self._settle_loop(outcomes)),
             ("sweep", self._sweep_loop()),
             ("report", self._report_loop()),
+            ("itemisation", self._itemisation_loop()),
         ):
             task = asyncio.create_task(loop, name=name)
             task.add_done_callback(crash_on_error)
@@ -137,9 +144,15 @@ class BudgetService:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self._answering:  # answers under way are given: their callers wait for them
+            await asyncio.wait(self._answering, timeout=5.0)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        try:
+            await self._save_itemisation()
+        except Exception:  # NATS down at stop: the last flush_s of itemisation is lost
+            log.warning("itemisation not persisted at stop", exc_info=True)
         await self.events.close(timeout=5.0)
 
     def status(self) -> dict[str, Any]:
@@ -158,6 +171,20 @@ class BudgetService:
     # --- requests -------------------------------------------------------------------------
 
     async def on_request(self, msg: Msg) -> None:
+        """The subscription's callback, which NATS awaits one message at a time: each
+        request is answered in a task of its own, so concurrent reservations share their
+        ledger writes instead of queueing for one each."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._answer(msg), name="answer")
+        self._answering.add(task)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        self._slots.release()
+        crash_on_error(task)
+
+    async def _answer(self, msg: Msg) -> None:
         command = subjects.last_token(msg.subject, -1)
         handlers: dict[str, Callable[[bytes], Awaitable[BudgetReply]]] = {
             "reserve": self._reserve,
@@ -183,7 +210,10 @@ class BudgetService:
             why = f"the budget ledger could not be persisted ({exc!r}); nothing was granted"
             reply = BudgetReply(ok=False, reason=Reason.BUDGET_UNAVAILABLE.value, error=why)
         if msg.reply:
-            await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+            try:
+                await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+            except Exception as exc:  # NATS reconnecting: the caller's request times out
+                log.warning("answer not sent", extra={"subject": msg.subject, "error": repr(exc)})
 
     async def _reserve(self, data: bytes) -> BudgetReply:
         request = _parse(ReserveRequest, data)
@@ -193,22 +223,21 @@ class BudgetService:
             )
         chain = self.deployment.budget_chain(request.agent)
         price = self.deployment.price(request.provider, request.model)
-        async with self._lock:
-            outcome = self.ledger.reserve(
-                request, chain, price, self.clock(), self.settings.reservation_ttl_s
-            )
-            unchanged = (
-                (isinstance(outcome, Granted) and outcome.again)
-                or isinstance(outcome, Deferred)
-                or (isinstance(outcome, Refused) and not outcome.newly_exhausted)
-            )
-            if not unchanged:
-                try:
-                    await self._save()
-                except Exception:
-                    if isinstance(outcome, Granted):  # not persisted: not granted either
-                        self.ledger.release(request.request_id)
-                    raise
+        outcome = self.ledger.reserve(
+            request, chain, price, self.clock(), self.settings.reservation_ttl_s
+        )
+        unchanged = (
+            (isinstance(outcome, Granted) and outcome.again)
+            or isinstance(outcome, Deferred)
+            or (isinstance(outcome, Refused) and not outcome.newly_exhausted)
+        )
+        if not unchanged:
+            try:
+                await self._save()
+            except Exception:
+                if isinstance(outcome, Granted):  # not persisted: not granted either
+                    self.ledger.release(request.request_id)
+                raise
         trace = {"trace_id": request.trace_id, "request_id": request.request_id}
         if isinstance(outcome, Granted):
             self.counts["granted"] += 1
@@ -235,14 +264,13 @@ class BudgetService:
     async def _raise(self, data: bytes) -> BudgetReply:
         request = _parse(RaiseRequest, data)
         account = self._account(request.kind, request.name)
-        async with self._lock:
-            before = self.ledger.limit(account)
-            was_exhausted = account.key in self.ledger.record.exhausted
-            try:
-                after = self.ledger.raise_limit(account, request.budget)
-            except LedgerError as exc:
-                raise CallerError(str(exc), Reason.INVALID_SCHEMA) from None
-            await self._save()
+        before = self.ledger.limit(account)
+        was_exhausted = account.key in self.ledger.record.exhausted
+        try:
+            after = self.ledger.raise_limit(account, request.budget)
+        except LedgerError as exc:
+            raise CallerError(str(exc), Reason.INVALID_SCHEMA) from None
+        await self._save()
         data_ = {
             "account": account.key,
             "from": before.model_dump(exclude_none=True) if before else None,
@@ -271,10 +299,9 @@ class BudgetService:
         )
 
     async def _settle(self, msgs: list[Msg]) -> None:
-        async with self._lock:
-            for msg in msgs:
-                self._apply(msg)
-            await self._save(itemisation=True)
+        for msg in msgs:
+            self._apply(msg)
+        await self._save()
         for msg in msgs:
             await msg.ack()
 
@@ -319,11 +346,10 @@ class BudgetService:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_s)
-            async with self._lock:
-                expired = self.ledger.expire(self.clock(), self.settings.late_window_s)
-                if not expired:
-                    continue
-                await self._save()
+            expired = self.ledger.expire(self.clock(), self.settings.late_window_s)
+            if not expired:
+                continue
+            await self._save()
             for hold in expired:
                 self.counts["expired"] += 1
                 data = {"request_id": hold.request_id, "agent": hold.agent, "tokens": hold.tokens}
@@ -339,9 +365,8 @@ class BudgetService:
             self._wake.clear()
             for key in list(self.ledger.unreported()):
                 if await self._report(key):
-                    async with self._lock:
-                        self.ledger.mark_reported(key)
-                        await self._save()
+                    self.ledger.mark_reported(key)
+                    await self._save()
 
     async def _report(self, key: str) -> bool:
         """Ask the leading supervisor to stop the subtree; True once acknowledged."""
@@ -391,12 +416,27 @@ class BudgetService:
 
     # --- helpers -------------------------------------------------------------------------
 
-    async def _save(self, itemisation: bool = False) -> None:
-        """The ledger, and with `itemisation` the per-conversation spend (store.py)."""
+    async def _itemisation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.itemisation_flush_s)
+            try:
+                await self._save_itemisation()
+            except Exception as exc:  # NATS reconnecting: the next tick tries again
+                self.last_error = f"itemisation not persisted: {exc!r}"
+                log.warning("itemisation not persisted; retrying", extra={"error": repr(exc)})
+
+    async def _save_itemisation(self) -> None:
+        changes = self.ledger.itemisation_changes
+        if changes != self._itemisation_saved:
+            await self._exit_on_conflict(self.store.save_itemisation(self.ledger.record))
+            self._itemisation_saved = changes
+
+    async def _save(self) -> None:
+        await self._exit_on_conflict(self.store.save(self.ledger.record))
+
+    async def _exit_on_conflict(self, save: Awaitable[None]) -> None:
         try:
-            await self.store.save(self.ledger.record)
-            if itemisation:
-                await self.store.save_itemisation(self.ledger.record)
+            await save
         except LedgerConflict:
             log.critical("ledger written by another instance; exiting", exc_info=True)
             os._exit(70)

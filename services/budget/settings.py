@@ -32,3 +32,9 @@ class BudgetSettings(BaseSettings):
     fetch_batch: int = Field(
         default=256, ge=1, le=10_000, description="Call events settled per ledger write."
     )
+    itemisation_flush_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the per-conversation itemisation is persisted when it changed "
+        "(a crash loses at most this much of it; spend is persisted with every change).",
+    )

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-from beamline.envelope import Envelope, LLMResponsePayload, TaskPayload, ToolResultPayload
+from beamline.envelope import Envelope, Kind, LLMResponsePayload, TaskPayload, ToolResultPayload
 from beamline.guard import QUOTE_CHARS, Loop, LoopGuard, LoopKind, Scope
 
 # Outputs are compared on their beginning: a ratio costs up to quadratic time in the length,
@@ -41,6 +41,19 @@ class Watch:
     def restart_counts(self) -> None:
         self.calls.clear()
         self.last_output, self.run = None, 0
+
+
+def counted(guard: LoopGuard, kind: str | None) -> bool:
+    """Whether an entry of `kind` (its Bl-Kind header; None when it has none) can change a
+    watch under `guard`: the service skips the others without decoding them, and most
+    entries of a conversation (requests, replies, summaries) are such."""
+    if kind is None:
+        return True
+    if kind == Kind.TASK:
+        return guard.scope is Scope.TASK
+    if kind == Kind.TOOL_RESULT:
+        return bool(guard.same_tool_calls)
+    return kind == Kind.LLM_RESPONSE and bool(guard.similar_outputs)
 
 
 def observe(guard: LoopGuard, watch: Watch, entry: Envelope) -> Loop | None:

@@ -54,7 +54,7 @@ from beamline.requests import parse_request
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.loopguard.conversations import Conversations
-from services.loopguard.detector import observe
+from services.loopguard.detector import counted, observe
 from services.loopguard.ladder import (
     AgentLadder,
     Decision,
@@ -195,6 +195,8 @@ class LoopguardService:
         ladder = self.state.agents.get(agent, AgentLadder())
         if ladder.skipped(seq):
             return  # written by an incarnation the guard had already acted on
+        if not counted(guard, (msg.headers or {}).get(subjects.H_KIND)):
+            return
         try:
             entry = bus.decode(msg.data, ENTRY_MAX_BYTES)
         except CallerError as exc:

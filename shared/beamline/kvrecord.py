@@ -6,10 +6,16 @@ killed) reads back exactly what it had answered. Why compare-and-set: a second i
 writing the same key would make both wrong; the revision check makes the loser stop
 (`RecordConflict`, the service exits 70) instead of overwriting. An unreadable value stops
 the service at start (ConfigError naming the key) rather than starting from nothing.
+
+Saves are group-committed: a save that arrives while a write is in flight shares the next
+write with every other save that arrived meanwhile. That write takes the record as it is
+when it begins, so each caller's change is in the write it waits for, and a burst of
+changes (the budget service's concurrent reservations) costs one write, not one each.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Generic, TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -45,7 +51,10 @@ class KVRecord(Generic[M]):
         self.what, self.forgets, self.service = what, forgets, service
         self.exclude = exclude  # fields kept elsewhere (another key), not written here
         self.revision = 0  # 0: the key does not exist yet
-        self.saves = 0
+        self.writes = 0
+        self._record: M | None = None  # what the next write takes
+        self._next: asyncio.Future[None] | None = None  # the saves the next write serves
+        self._writer: asyncio.Task[None] | None = None
 
     async def load(self) -> M:
         """The persisted record, or an empty one on a first start."""
@@ -65,6 +74,32 @@ class KVRecord(Generic[M]):
             ) from exc
 
     async def save(self, record: M) -> None:
+        """Return once `record`, as it is now or later, is persisted; raise what that write
+        raised (RecordConflict, or NATS unavailable: the caller decides what it undoes)."""
+        self._record = record
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            # a failure nobody waits for any more (every caller cancelled) is not an error
+            self._next.add_done_callback(lambda f: f.cancelled() or f.exception())
+        waiting = self._next
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending(), name=f"save {self.key}")
+        await asyncio.shield(waiting)  # one caller cancelled does not fail the others
+
+    async def _write_pending(self) -> None:
+        while self._next is not None and self._record is not None:
+            served, self._next = self._next, None
+            try:
+                await self._write(self._record)
+            except asyncio.CancelledError:
+                served.cancel()
+                raise
+            except Exception as exc:
+                served.set_exception(exc)
+            else:
+                served.set_result(None)
+
+    async def _write(self, record: M) -> None:
         data = record.model_dump_json(exclude=set(self.exclude) or None).encode()
         try:
             if self.revision == 0:
@@ -76,4 +111,4 @@ class KVRecord(Generic[M]):
                 f"{self.what} changed under this service (revision {self.revision}): is a "
                 f"second {self.service} service running? Run exactly one"
             ) from exc
-        self.saves += 1
+        self.writes += 1

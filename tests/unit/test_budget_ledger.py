@@ -3,6 +3,8 @@ raises. No NATS, the clock passed in."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from beamline.budget import (
@@ -216,3 +218,36 @@ def test_the_itemisation_is_bounded_across_agents_the_busiest_losing_its_oldest(
     again = Ledger(ledger.record.model_copy(deep=True))
     again.settle("r-more", "a-new", chain(), 1, 1, None, "c-new")
     assert sum(len(c) for c in again.record.conversations.values()) == CONVERSATIONS_MAX
+
+
+def test_what_is_held_per_account_stays_the_sum_of_the_holds_through_every_change() -> None:
+    rng = random.Random(7)
+    ledger, now, issued = Ledger(), 0.0, 0
+
+    def summed(key: str) -> tuple[int, float, int]:
+        holds = [h for h in ledger.record.holds.values() if key in h.accounts]
+        return sum(h.tokens for h in holds), sum(h.usd for h in holds), len(holds)
+
+    for _ in range(2000):
+        now += rng.random()
+        step = rng.choice(("reserve", "reserve", "settle", "release", "expire"))
+        if step == "reserve":
+            issued += 1
+            ledger.reserve(ask(f"r{issued}", rng.randint(1, 500)), chain(), PRICE, now, ttl_s=20)
+        elif step == "expire":
+            ledger.expire(now, late_window_s=60)
+        elif issued:
+            rid = f"r{rng.randint(1, issued)}"  # known, settled already, or expired: any
+            if step == "settle":
+                ledger.settle(rid, "a", chain(), 10, 10, PRICE, "c1")
+            else:
+                ledger.release(rid)
+        for key in ("agent:a", "supervisor:team"):
+            held = ledger.held(key)
+            tokens, usd, calls = summed(key)
+            assert (held.tokens, held.calls) == (tokens, calls)
+            assert held.usd == pytest.approx(usd, abs=1e-9)
+    # and a ledger read back from its record counts the same
+    again = Ledger(LedgerRecord.model_validate_json(ledger.record.model_dump_json()))
+    for key in ("agent:a", "supervisor:team"):
+        assert (again.held(key).tokens, again.held(key).calls) == summed(key)[::2]

@@ -10,12 +10,13 @@ from beamline.envelope import (
     Envelope,
     Kind,
     LLMResponsePayload,
+    ReplyPayload,
     TaskPayload,
     ToolCall,
     ToolResultPayload,
 )
 from beamline.guard import LoopGuard, LoopKind, Scope
-from services.loopguard.detector import Watch, canonical_arguments, observe
+from services.loopguard.detector import Watch, canonical_arguments, counted, observe
 
 GUARD = LoopGuard()
 TASK = Envelope(
@@ -111,3 +112,27 @@ def test_each_kind_can_be_switched_off() -> None:
     assert feed([output(LONG) for _ in range(4)], off) == [None] * 4
     strict = LoopGuard(similarity=1.0)
     assert feed([output(LONG), output(LONG + "!"), output(LONG)], strict) == [None] * 3
+
+
+def test_entries_skipped_by_their_kind_header_would_have_changed_nothing() -> None:
+    """The service skips entries `counted` rules out without decoding them: for every
+    guard, counting only the rest finds the same loops as counting everything."""
+    reply = TASK.child(ReplyPayload(task_id=TASK.id, text=LONG), sender="a", recipient="cli")
+    entries = [
+        task("1"),
+        *(e for n in range(3) for e in (tool(n=n), output(LONG), reply)),
+        task("2"),
+        *(e for n in range(3, 7) for e in (output(LONG + "."), tool(n=n))),
+    ]
+    for guard in (
+        GUARD,
+        LoopGuard(scope=Scope.TASK),
+        LoopGuard(same_tool_calls=0),
+        LoopGuard(similar_outputs=0),
+    ):
+        everything = feed(entries, guard)
+        assert any(everything), guard
+        kept = [e for e in entries if counted(guard, e.kind.value)]
+        assert len(kept) < len(entries)
+        assert [loop for loop in feed(kept, guard) if loop] == [loop for loop in everything if loop]
+    assert counted(GUARD, None)  # no header (an older writer): decoded and looked at

@@ -1,0 +1,88 @@
+"""`KVRecord` on a real nats-server's KV: saves are group-committed (a burst costs one write,
+and each caller's change is in the write it waits for), and a conflicting writer fails every
+caller waiting on that write."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
+
+from beamline import subjects
+from beamline.kvrecord import KVRecord, RecordConflict
+
+
+class Tally(BaseModel):
+    seen: list[int] = Field(default_factory=list)
+
+
+async def bucket(nc: NATS) -> KeyValue:
+    return await nc.jetstream().key_value(subjects.BUCKET_BUDGET)
+
+
+def record(kv: KeyValue) -> KVRecord[Tally]:
+    return KVRecord(
+        kv, subjects.BUCKET_BUDGET, "tally", Tally, what="a tally", forgets="-", service="test"
+    )
+
+
+async def stored(kv: KeyValue) -> list[int]:
+    return Tally.model_validate_json((await kv.get("tally")).value or b"{}").seen
+
+
+async def test_a_burst_of_saves_is_one_write_holding_every_change(nc: NATS) -> None:
+    kv = await bucket(nc)
+    store, tally = record(kv), Tally()
+
+    async def change(i: int) -> None:
+        tally.seen.append(i)
+        await store.save(tally)
+
+    await asyncio.gather(*(change(i) for i in range(50)))
+    assert store.writes == 1
+    assert await stored(kv) == list(range(50))
+
+
+async def test_a_save_during_a_write_waits_for_the_next_write_which_has_its_change(
+    nc: NATS,
+) -> None:
+    kv = await bucket(nc)
+    store, tally = record(kv), Tally(seen=[1])
+    first = asyncio.create_task(store.save(tally))
+    for _ in range(3):  # the first save, then its writer, run: a write with [1] is under way
+        await asyncio.sleep(0)
+    tally.seen.append(2)
+    await store.save(tally)
+    assert first.done() and store.writes == 2
+    assert await stored(kv) == [1, 2]
+    assert (await record(kv).load()).seen == [1, 2]
+
+
+async def test_a_cancelled_caller_does_not_fail_the_others_sharing_its_write(nc: NATS) -> None:
+    kv = await bucket(nc)
+    store, tally = record(kv), Tally(seen=[7])
+    quitter = asyncio.create_task(store.save(tally))
+    stayer = asyncio.create_task(store.save(tally))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    await stayer
+    assert quitter.cancelled()
+    assert await stored(kv) == [7]
+
+
+async def test_a_second_writer_fails_every_save_waiting_on_the_write(nc: NATS) -> None:
+    kv = await bucket(nc)
+    store, tally = record(kv), Tally(seen=[1])
+    await store.save(tally)
+    await kv.put("tally", Tally(seen=[99]).model_dump_json().encode())  # another instance
+
+    tally.seen.append(2)
+    outcomes = await asyncio.gather(store.save(tally), store.save(tally), return_exceptions=True)
+    assert all(isinstance(o, RecordConflict) for o in outcomes), outcomes
+    assert "second test service running" in str(outcomes[0])
+    assert await stored(kv) == [99]  # the other writer's value is not overwritten
+    with pytest.raises(RecordConflict):  # and it stays refused: this copy is stale
+        await store.save(tally)
