@@ -99,6 +99,7 @@ class MeshHandle:
 
 
 MeshFactory = Callable[..., Any]
+LOG_TAIL_CHARS = 3000
 
 
 BACKEND = pick_test_backend()
@@ -154,6 +155,9 @@ async def start_mesh(tmp_path: Path) -> AsyncIterator[MeshFactory]:
         for mesh, nc in meshes:
             await nc.close()
             mesh.stop()
+            # shown by pytest for a failed test only: what each service said last
+            for proc in mesh.processes:
+                print(f"--- {proc.name} log (tail) ---\n{proc.logs()[-LOG_TAIL_CHARS:]}")
         stack.close()
 
 

@@ -66,6 +66,14 @@ async def state(mesh: MeshHandle, agent: str) -> str:
     return str(next(r for r in rows if r["agent"] == agent)["state"])
 
 
+async def guard_health(mesh: MeshHandle) -> dict[str, Any]:
+    """The loop guard's own account (entries seen, loops, commands, last error): what a
+    failed scenario is explained by."""
+    msg = await mesh.nc.request(subjects.health("loopguard"), b"", timeout=5)
+    found: dict[str, Any] = json.loads(msg.data)
+    return found
+
+
 async def next_escalation(sub: Subscription, name: str) -> dict[str, Any]:
     """The next message on the escalation subject named `name`: its data, the escalation."""
     while True:
@@ -81,7 +89,7 @@ async def test_a_loop_is_seen_on_the_third_identical_call_and_the_agent_restarte
     mesh = await guard_mesh(start_mesh)
     conversation = await submit(mesh.nc, subjects.inbox("looper"), "How do restarts work?")
     reply = await await_reply(mesh.nc, conversation, timeout=30)
-    assert reply_text(reply) == "looper: found it another way"
+    assert reply_text(reply) == "looper: found it another way", await guard_health(mesh)
 
     # detected once, on the third identical tool call journaled
     [loop] = await loops(mesh, "looper")
