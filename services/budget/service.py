@@ -295,7 +295,12 @@ class BudgetService:
 
     async def _settle_loop(self, sub: Any) -> None:
         await pull_forever(
-            sub, self.settings.fetch_batch, self._settle, "call events", self._failed
+            sub,
+            self.settings.fetch_batch,
+            self._settle,
+            "call events",
+            self._failed,
+            self.settings.settle_linger_s,
         )
 
     async def _settle(self, msgs: list[Msg]) -> None:

@@ -32,6 +32,14 @@ class BudgetSettings(BaseSettings):
     fetch_batch: int = Field(
         default=256, ge=1, le=10_000, description="Call events settled per ledger write."
     )
+    settle_linger_s: float = Field(
+        default=0.1,
+        ge=0,
+        le=5,
+        description="After a batch of call events that was not full, wait this long for more: "
+        "one ledger write settles them together (spend shows this much later; holds cover "
+        "the calls meanwhile).",
+    )
     itemisation_flush_s: float = Field(
         default=2.0,
         gt=0,

@@ -157,7 +157,12 @@ class LoopguardService:
 
     async def _watch_loop(self, journal: Any) -> None:
         await pull_forever(
-            journal, self.settings.fetch_batch, self._on_batch, "journal entries", self._failed
+            journal,
+            self.settings.fetch_batch,
+            self._on_batch,
+            "journal entries",
+            self._failed,
+            self.settings.linger_s,
         )
 
     async def _on_batch(self, msgs: list[Msg]) -> None:
@@ -195,6 +200,9 @@ class LoopguardService:
         ladder = self.state.agents.get(agent, AgentLadder())
         if ladder.skipped(seq):
             return  # written by an incarnation the guard had already acted on
+        # first, whatever its kind: a conversation met at its first entry (its task) is known
+        # to have nothing earlier with one read, not replayed at its first counted entry
+        watch = await self.conversations.watch(agent, conversation, seq, guard, ladder)
         if not counted(guard, (msg.headers or {}).get(subjects.H_KIND)):
             return
         try:
@@ -202,7 +210,6 @@ class LoopguardService:
         except CallerError as exc:
             log.warning("journal entry unreadable; skipped", extra={"seq": seq, "error": str(exc)})
             return
-        watch = await self.conversations.watch(agent, conversation, seq, guard, ladder)
         loop = observe(guard, watch, entry)
         if ladder.last_loop_seq == seq and ladder.last_loop is not None:
             # redelivered: the loop it completed was decided before (this service restarted,

@@ -12,6 +12,13 @@ class LoopguardSettings(BaseSettings):
     fetch_batch: int = Field(
         default=256, ge=1, le=10_000, description="Journal entries fetched per pull."
     )
+    linger_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=5,
+        description="After a pull that was not full, wait this long for more entries: a loop "
+        "is seen this much later, and a busy mesh costs one pull per batch, not per entry.",
+    )
     ack_wait_s: float = Field(
         default=30.0, gt=0, description="An entry not acknowledged by then is redelivered."
     )

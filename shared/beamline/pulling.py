@@ -24,11 +24,15 @@ async def pull_forever(
     handle: Callable[[list[Msg]], Awaitable[None]],
     what: str,
     failed: Callable[[str], None],
+    linger_s: float = 0.0,
 ) -> None:
     """Fetch up to `batch` messages at a time and `handle` each batch, until cancelled. A
     failed fetch is told to `failed` (the service's last error), logged and retried; what
-    `handle` raises ends the loop. The subscription is closed on the way out: one left open
-    with a fetch outstanding holds the connection's drain() for its whole timeout."""
+    `handle` raises ends the loop. After a batch that was not full, wait `linger_s` for more
+    to gather: a fetch returns as soon as one message is there, and under a steady trickle
+    every batch would be one message, each costing a fetch, a write and a wake-up. The
+    subscription is closed on the way out: one left open with a fetch outstanding holds the
+    connection's drain() for its whole timeout."""
     try:
         while True:
             try:
@@ -41,6 +45,8 @@ async def pull_forever(
                 await asyncio.sleep(RETRY_S)
                 continue
             await handle(msgs)
+            if linger_s and len(msgs) < batch:
+                await asyncio.sleep(linger_s)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
