@@ -226,18 +226,19 @@ class BudgetService:
         outcome = self.ledger.reserve(
             request, chain, price, self.clock(), self.settings.reservation_ttl_s
         )
-        unchanged = (
-            (isinstance(outcome, Granted) and outcome.again)
-            or isinstance(outcome, Deferred)
-            or (isinstance(outcome, Refused) and not outcome.newly_exhausted)
+        unchanged = isinstance(outcome, Deferred) or (
+            isinstance(outcome, Refused) and not outcome.newly_exhausted
         )
-        if not unchanged:
+        if not unchanged:  # a grant, even a repeated one, waits for the write holding it
             try:
                 await self._save()
             except Exception:
                 if isinstance(outcome, Granted):  # not persisted: not granted either
                     self.ledger.release(request.request_id)
                 raise
+            if isinstance(outcome, Granted) and request.request_id not in self.ledger.record.holds:
+                # a repeat of a request whose first grant failed to persist meanwhile
+                raise RuntimeError(f"the hold of {request.request_id} was not persisted")
         trace = {"trace_id": request.trace_id, "request_id": request.request_id}
         if isinstance(outcome, Granted):
             self.counts["granted"] += 1
