@@ -1,0 +1,153 @@
+"""The budget service's NATS shell in-process, on a real nats-server (its KV bucket and the
+gateway's event stream): concurrent reservations answered together with their writes
+shared, a call event settled once however often it is handed in, and the itemisation
+persisted on its timer and at stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from beamline import bus, config, subjects
+from beamline.envelope import Envelope, EventPayload, Kind
+from beamline.testing import wait_for
+from services.budget.ledger import Ledger
+from services.budget.service import GATEWAY_EVENTS, BudgetService
+from services.budget.settings import BudgetSettings
+from services.budget.store import ITEMISATION_KEY, KEY, LedgerStore
+
+TREE = Path(__file__).parent / "budget.yaml"
+FLUSH_S = 0.2
+
+
+async def start_budget(nc: NATS, itemisation_flush_s: float = FLUSH_S) -> BudgetService:
+    store = LedgerStore(await nc.jetstream().key_value(subjects.BUCKET_BUDGET))
+    settings = BudgetSettings(itemisation_flush_s=itemisation_flush_s, settle_linger_s=0)
+    budget = BudgetService(settings, config.load(TREE), nc, store, Ledger(await store.load()))
+    await budget.start()
+    return budget
+
+
+@pytest.fixture(autouse=True)
+def fakellm_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEAMLINE_FAKELLM_URL", "http://127.0.0.1:1")  # budget.yaml needs it
+
+
+@pytest.fixture
+async def service(nc: NATS) -> AsyncIterator[BudgetService]:
+    budget = await start_budget(nc)
+    try:
+        yield budget
+    finally:
+        await budget.stop()
+
+
+async def reserve(nc: NATS, request_id: str, agent: str = "free") -> dict[str, object]:
+    body = {
+        "request_id": request_id,
+        "agent": agent,
+        "provider": "fakellm",
+        "model": "m",
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "conversation_id": f"conv-{request_id}",
+    }
+    msg = await nc.request(subjects.BUDGET_RESERVE, json.dumps(body).encode(), timeout=10)
+    answer: dict[str, object] = json.loads(msg.data)
+    return answer
+
+
+async def completed(nc: NATS, request_id: str, agent: str, conversation: str) -> None:
+    env = Envelope(
+        kind=Kind.EVENT,
+        sender="gateway",
+        recipient="budget",
+        conversation_id=conversation,
+        payload=EventPayload(
+            name="llm_call_completed",
+            data={
+                "request_id": request_id,
+                "provider": "fakellm",
+                "model": "m",
+                "agent": agent,
+                "input_tokens": 7,
+                "output_tokens": 3,
+            },
+        ),
+    )
+    await bus.publish(nc.jetstream(), subjects.LLM_CALL_COMPLETED, env)
+
+
+async def test_concurrent_reservations_are_granted_together_and_share_their_writes(
+    nc: NATS, service: BudgetService
+) -> None:
+    answers = await asyncio.gather(*(reserve(nc, f"r{i}", "spender") for i in range(30)))
+    # spender's 300 tokens cover 20 holds of 15; the rest wait for calls in flight
+    granted = [a for a in answers if a["ok"]]
+    assert len(granted) == 20
+    assert all(a["reason"] == "budget_held" for a in answers if not a["ok"])
+    assert service.store.core.writes < len(granted)  # group-committed
+    kv = await nc.jetstream().key_value(subjects.BUCKET_BUDGET)
+    persisted = json.loads((await kv.get(KEY)).value or b"{}")
+    assert len(persisted["holds"]) == 20  # every answered grant is in the persisted ledger
+
+    # a repeat of a granted request is granted again, and holds nothing more
+    again = await reserve(nc, "r0", "spender")
+    assert again["ok"] and len(service.ledger.record.holds) == 20
+
+
+async def test_a_call_event_is_settled_once_and_its_itemisation_persisted_on_the_timer(
+    nc: NATS, service: BudgetService
+) -> None:
+    assert (await reserve(nc, "call-1"))["ok"]
+    await completed(nc, "call-1", "free", "conv-call-1")
+    await wait_for(lambda: _settled(service, "agent:free", 10), timeout=10, what="the call settled")
+    assert "call-1" not in service.ledger.record.holds
+
+    # handed in again (a redelivery after a restart that had persisted but not acked it):
+    # charged once
+    js = nc.jetstream()
+    again = await js.pull_subscribe(
+        GATEWAY_EVENTS,
+        durable="test-again",
+        stream=subjects.STREAM_EVENTS,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    await service._settle(await again.fetch(10, timeout=5))
+    assert service.ledger.spent("agent:free").tokens == 10
+
+    # the itemisation reaches KV within its flush interval, without a stop
+    kv = await js.key_value(subjects.BUCKET_BUDGET)
+
+    async def itemised() -> bool:
+        try:
+            value = (await kv.get(ITEMISATION_KEY)).value or b"{}"
+        except Exception:
+            return False
+        return "conv-call-1" in json.loads(value)["conversations"].get("free", {})
+
+    await wait_for(itemised, timeout=FLUSH_S * 20, what="the itemisation persisted")
+
+
+async def test_the_itemisation_is_persisted_at_stop(nc: NATS) -> None:
+    service = await start_budget(nc, itemisation_flush_s=3600)  # the timer will not do it
+    try:
+        assert (await reserve(nc, "call-2"))["ok"]
+        await completed(nc, "call-2", "free", "conv-call-2")
+        await wait_for(lambda: _settled(service, "agent:free", 10), timeout=10, what="settled")
+    finally:
+        await service.stop()
+    kv = await nc.jetstream().key_value(subjects.BUCKET_BUDGET)
+    loaded = await LedgerStore(kv).load()
+    assert "conv-call-2" in loaded.conversations["free"]
+    assert loaded.spent["agent:free"].tokens == 10
+
+
+async def _settled(service: BudgetService, key: str, tokens: int) -> bool:
+    return service.ledger.spent(key).tokens == tokens
