@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -52,7 +51,7 @@ from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.budget.ledger import Deferred, Granted, Ledger, LedgerError, Refused
 from services.budget.settings import BudgetSettings
-from services.budget.store import LedgerConflict, LedgerStore
+from services.budget.store import LedgerStore
 
 log = logging.getLogger("beamline.budget")
 
@@ -434,18 +433,11 @@ class BudgetService:
     async def _save_itemisation(self) -> None:
         changes = self.ledger.itemisation_changes
         if changes != self._itemisation_saved:
-            await self._exit_on_conflict(self.store.save_itemisation(self.ledger.record))
+            await self.store.save_itemisation(self.ledger.record)
             self._itemisation_saved = changes
 
     async def _save(self) -> None:
-        await self._exit_on_conflict(self.store.save(self.ledger.record))
-
-    async def _exit_on_conflict(self, save: Awaitable[None]) -> None:
-        try:
-            await save
-        except LedgerConflict:
-            log.critical("ledger written by another instance; exiting", exc_info=True)
-            os._exit(70)
+        await self.store.save(self.ledger.record)
 
     def _chain(self, agent: str) -> tuple[Account, ...]:
         return self.deployment.budget_chain(agent)

@@ -21,10 +21,9 @@ from nats.js.kv import KeyValue
 
 from beamline import subjects
 from beamline.kvrecord import KVRecord
-from beamline.kvrecord import RecordConflict as LedgerConflict
 from services.budget.ledger import Itemisation, LedgerRecord
 
-__all__ = ["ITEMISATION_KEY", "KEY", "LedgerConflict", "LedgerStore"]
+__all__ = ["ITEMISATION_KEY", "KEY", "LedgerStore"]
 
 KEY = "ledger"
 ITEMISATION_KEY = "conversations"
@@ -64,8 +63,9 @@ class LedgerStore:
         return record
 
     async def save(self, record: LedgerRecord) -> None:
-        """Before an answer that depends on it: everything but the itemisation."""
-        await self.core.save(record)
+        """Before an answer that depends on it: everything but the itemisation. A second
+        budget service writing the ledger ends this one (exit 70)."""
+        await self.core.save_or_exit(record)
 
     async def save_itemisation(self, record: LedgerRecord) -> None:
-        await self.itemisation.save(Itemisation(conversations=record.conversations))
+        await self.itemisation.save_or_exit(Itemisation(conversations=record.conversations))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +47,6 @@ from beamline.guard import (
 )
 from beamline.ids import derived_id
 from beamline.journal import ENTRY_MAX_BYTES
-from beamline.kvrecord import RecordConflict
 from beamline.pulling import pull_forever
 from beamline.requests import parse_request
 from beamline.service import answer_health, crash_on_error
@@ -509,11 +507,7 @@ class LoopguardService:
     # --- helpers ------------------------------------------------------------------------------
 
     async def _save(self) -> None:
-        try:
-            await self.store.save(self.state)
-        except RecordConflict:
-            log.critical("state written by another instance; exiting", exc_info=True)
-            os._exit(70)
+        await self.store.save_or_exit(self.state)
 
 
 def _loop_event(agent: str, entry: Envelope, seq: int, loop: Loop, decision: Decision) -> Envelope:

@@ -16,6 +16,8 @@ changes (the budget service's concurrent reservations) costs one write, not one 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from typing import Generic, TypeVar
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -25,6 +27,8 @@ from pydantic import BaseModel, ValidationError
 from beamline.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+log = logging.getLogger("beamline.kvrecord")
 
 
 class RecordConflict(RuntimeError):
@@ -85,6 +89,19 @@ class KVRecord(Generic[M]):
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending(), name=f"save {self.key}")
         await asyncio.shield(waiting)  # one caller cancelled does not fail the others
+
+    async def save_or_exit(self, record: M) -> None:
+        """`save`; on a conflict the process ends (exit 70): another instance writes this
+        record, and going on would answer from state that is not the persisted one."""
+        try:
+            await self.save(record)
+        except RecordConflict:
+            log.critical(
+                f"{self.what} written by another instance; exiting",
+                exc_info=True,
+                extra={"bucket": self.bucket, "key": self.key},
+            )
+            os._exit(70)
 
     async def _write_pending(self) -> None:
         while self._next is not None and self._record is not None:

@@ -5,6 +5,10 @@ caller waiting on that write."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -13,6 +17,9 @@ from pydantic import BaseModel, Field
 
 from beamline import subjects
 from beamline.kvrecord import KVRecord, RecordConflict
+from beamline.testing import NatsServer
+
+ROOT = Path(__file__).parents[2]
 
 
 class Tally(BaseModel):
@@ -86,3 +93,40 @@ async def test_a_second_writer_fails_every_save_waiting_on_the_write(nc: NATS) -
     assert await stored(kv) == [99]  # the other writer's value is not overwritten
     with pytest.raises(RecordConflict):  # and it stays refused: this copy is stale
         await store.save(tally)
+
+
+async def test_a_service_whose_record_another_instance_wrote_exits_70(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    """What the budget service and the loop guard do on a conflict (save_or_exit): stop,
+    so the instance left running is the one whose state is persisted."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from beamline import bus, subjects
+        from tests.integration.test_kvrecord import Tally, record
+
+        async def main() -> None:
+            nc = await bus.connect("{nats_server.url}", "first-instance")
+            kv = await nc.jetstream().key_value(subjects.BUCKET_BUDGET)
+            store = record(kv)
+            await store.save_or_exit(Tally(seen=[1]))
+            await kv.put("tally", b'{{"seen": [99]}}')  # a second instance wrote it
+            await store.save_or_exit(Tally(seen=[2]))
+            print("went on after the conflict")
+
+        asyncio.run(main())
+        """
+    )
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 70, run.stderr
+    assert "a tally written by another instance; exiting" in run.stderr
+    assert "went on" not in run.stdout
+    assert await stored(await bucket(nc)) == [99]
