@@ -118,7 +118,7 @@ class CircuitView:
     def _take(self, value: bytes) -> None:
         try:
             record = BreakerRecord.model_validate_json(value)
-        except ValueError as exc:  # not ours, or a newer schema: ignore, keep the rest
+        except ValueError as exc:  # not a breaker record: ignore it, keep the rest
             log.warning("unreadable breaker record ignored", extra={"error": repr(exc)})
             return
         log.info(

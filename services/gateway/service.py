@@ -171,6 +171,7 @@ class Gateway:
             "events_published": self._events.published,
             "events_dropped": self._events.dropped,
             "breaker_states_written": self._board.written,
+            "breaker_state_write_failures": self._board.failed,
             "last_error": self.last_error,
             "budget_refused": self._budget.refused,
             **self.counts,

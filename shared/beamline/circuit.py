@@ -29,9 +29,11 @@ class Circuit(StrEnum):
 
 
 class BreakerRecord(BaseModel):
-    """The value under key `<provider>` in `BL_BREAKERS`."""
+    """The value under key `<provider>` in `BL_BREAKERS`. Fields a newer gateway adds are
+    ignored: an older agent host still reads the state (forbidding them would make it
+    ignore every breaker, and never fail over, during a rolling upgrade)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     provider: str
     state: Circuit

@@ -99,6 +99,15 @@ async def test_the_view_learns_records_refusals_and_successes() -> None:
     assert view.states(["a", "b"]) == {"a": "closed", "b": "closed"}
 
 
+async def test_a_record_from_a_newer_gateway_is_read_and_an_unreadable_one_ignored() -> None:
+    view = CircuitView(RECHECK)
+    view._take(b'{"provider": "a", "state": "open", "opened_by": "a newer field"}')
+    assert view.states(["a"]) == {"a": "open"}
+    view._take(b'{"provider": "a", "state": "melted"}')
+    view._take(b"not json")
+    assert view.states(["a"]) == {"a": "open"}
+
+
 async def test_a_paused_agent_wakes_on_news_before_its_recheck_time() -> None:
     view = CircuitView(RECHECK)
     waiter = asyncio.create_task(view.wait_change(30.0))

@@ -111,6 +111,7 @@ def test_below_the_threshold_the_call_goes_ahead_and_above_it_a_summary_comes_fi
 
 def test_the_summary_keeps_the_latest_turns_and_the_task_prompt_as_they_are() -> None:
     journal = [TASK, *reading(4)]
+    journal_ids = [e.id for e in journal]
     action = conv.next_action(SPEC, journal, TASK.id, limits=LIMITS)
     assert isinstance(action, conv.Summarise)
     # the task and pages 1-2 are summarised; pages 3-4 (keep_turns: 2) stay
@@ -138,8 +139,11 @@ def test_the_summary_keeps_the_latest_turns_and_the_task_prompt_as_they_are() ->
     assert messages[2].content == "Read every page."  # the prompt, intact
     assert [m.tool_call_id for m in messages if m.role == "tool"] == ["call-3", "call-4"]
     assert summary.tokens_after == tokens(after) <= 1200
-    # the journal keeps every entry: only what is sent changed
-    assert after[: len(journal)] == journal
+    # the journal keeps every entry, those the summary stands for included: only what is
+    # sent changed (pages 1-2 are journaled, and no longer in the messages)
+    assert [e.id for e in after[: len(journal)]] == journal_ids
+    assert summary.through == "page-2" and "page-2" in journal_ids
+    assert not any("page 2: xxx" in (m.content or "") for m in messages)
 
 
 def test_a_tool_call_is_never_split_from_its_results() -> None:
