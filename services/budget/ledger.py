@@ -176,6 +176,18 @@ class Ledger:
         assert limit is not None
         return limit
 
+    def undo_raise(
+        self, account: Account, raised: Budget | None, exhaustion: Exhaustion | None
+    ) -> None:
+        """Put back what `raise_limit` changed, given what was there before it: the raise
+        could not be persisted, and its requester was told so."""
+        if raised is None:
+            self.record.raised.pop(account.key, None)
+        else:
+            self.record.raised[account.key] = raised
+        if exhaustion is not None:
+            self.record.exhausted[account.key] = exhaustion
+
     # --- reservations ------------------------------------------------------------------
 
     def reserve(

@@ -265,12 +265,18 @@ class BudgetService:
         request = _parse(RaiseRequest, data)
         account = self._account(request.kind, request.name)
         before = self.ledger.limit(account)
-        was_exhausted = account.key in self.ledger.record.exhausted
+        record = self.ledger.record
+        undo = (record.raised.get(account.key), record.exhausted.get(account.key))
+        was_exhausted = undo[1] is not None
         try:
             after = self.ledger.raise_limit(account, request.budget)
         except LedgerError as exc:
             raise CallerError(str(exc), Reason.INVALID_SCHEMA) from None
-        await self._save()
+        try:
+            await self._save()
+        except Exception:  # not persisted: not raised either (the caller is told)
+            self.ledger.undo_raise(account, *undo)
+            raise
         data_ = {
             "account": account.key,
             "from": before.model_dump(exclude_none=True) if before else None,

@@ -149,5 +149,29 @@ async def test_the_itemisation_is_persisted_at_stop(nc: NATS) -> None:
     assert loaded.spent["agent:free"].tokens == 10
 
 
+async def test_with_its_bucket_gone_a_raise_or_a_grant_is_refused_and_undone(
+    nc: NATS, service: BudgetService
+) -> None:
+    js = nc.jetstream()
+    assert (await reserve(nc, "before"))["ok"]
+    await js.delete_key_value(subjects.BUCKET_BUDGET)  # KV lost (an operator, a bad restore)
+
+    answer = await reserve(nc, "during")
+    assert not answer["ok"] and answer["reason"] == "budget_unavailable"
+    assert "could not be persisted" in str(answer["error"]) and "nothing was granted" in str(
+        answer["error"]
+    )
+    assert "during" not in service.ledger.record.holds
+
+    raised = await nc.request(
+        subjects.BUDGET_RAISE, b'{"name": "spender", "budget": {"tokens": 900}}', timeout=10
+    )
+    assert json.loads(raised.data)["reason"] == "budget_unavailable"
+    shown = await nc.request(subjects.BUDGET_SHOW, b'{"name": "spender"}', timeout=10)
+    [spender] = json.loads(shown.data)["result"]["accounts"]
+    assert spender["limit"] == {"tokens": 300}  # as in the file: the raise did not stay
+    assert "agent:spender" not in service.ledger.record.raised
+
+
 async def _settled(service: BudgetService, key: str, tokens: int) -> bool:
     return service.ledger.spent(key).tokens == tokens
