@@ -293,8 +293,14 @@ class BudgetService:
         if request.name is not None:
             accounts = [self._account(None, request.name)]
         else:
-            keys = {a.key: a for agent in self.deployment.agents for a in self._chain(agent.name)}
-            accounts = [a for a in keys.values() if a.budget or a.key in self.ledger.record.spent]
+            # the declared agents, and the pool members that spent or hold anything
+            record, prefix = self.ledger.record, f"{AccountKind.AGENT.value}:"
+            names = {agent.name for agent in self.deployment.agents}
+            names |= {key.removeprefix(prefix) for key in record.spent if key.startswith(prefix)}
+            names |= {hold.agent for hold in record.holds.values()}
+            known = [n for n in sorted(names) if self.deployment.member_spec(n) is not None]
+            keys = {a.key: a for name in known for a in self._chain(name)}
+            accounts = [a for a in keys.values() if a.budget or a.key in record.spent]
         return BudgetReply(result={"accounts": [self.ledger.view(a) for a in accounts]})
 
     # --- call outcomes -------------------------------------------------------------------

@@ -26,10 +26,23 @@ TREE = Path(__file__).parent / "budget.yaml"
 FLUSH_S = 0.2
 
 
-async def start_budget(nc: NATS, itemisation_flush_s: float = FLUSH_S) -> BudgetService:
+POOL = """
+version: 1
+providers:
+  fakellm: {kind: openai, base_url: "http://127.0.0.1:1/v1", context_window: 128000}
+agents:
+  - {name: worker, role: w, models: [{provider: fakellm, model: m}], budget: {tokens: 1000}}
+supervisors:
+  - {name: pool, strategy: simple_one_for_one, children: [{agent: worker}]}
+"""
+
+
+async def start_budget(
+    nc: NATS, itemisation_flush_s: float = FLUSH_S, tree: Path = TREE
+) -> BudgetService:
     store = LedgerStore(await nc.jetstream().key_value(subjects.BUCKET_BUDGET))
     settings = BudgetSettings(itemisation_flush_s=itemisation_flush_s, settle_linger_s=0)
-    budget = BudgetService(settings, config.load(TREE), nc, store, Ledger(await store.load()))
+    budget = BudgetService(settings, config.load(tree), nc, store, Ledger(await store.load()))
     await budget.start()
     return budget
 
@@ -171,6 +184,27 @@ async def test_with_its_bucket_gone_a_raise_or_a_grant_is_refused_and_undone(
     [spender] = json.loads(shown.data)["result"]["accounts"]
     assert spender["limit"] == {"tokens": 300}  # as in the file: the raise did not stay
     assert "agent:spender" not in service.ledger.record.raised
+
+
+async def test_budget_show_lists_the_pool_members_that_spent_or_hold(
+    nc: NATS, tmp_path: Path
+) -> None:
+    tree = tmp_path / "pool.yaml"
+    tree.write_text(POOL)
+    service = await start_budget(nc, tree=tree)
+    try:
+        assert (await reserve(nc, "w7-call", "worker-7"))["ok"]
+        await completed(nc, "w7-call", "worker-7", "conv-w7")
+        await wait_for(lambda: _settled(service, "agent:worker-7", 10), timeout=10, what="settled")
+        assert (await reserve(nc, "w8-call", "worker-8"))["ok"]  # in flight: held only
+        shown = await nc.request(subjects.BUDGET_SHOW, b"{}", timeout=10)
+    finally:
+        await service.stop()
+    rows = {r["account"]: r for r in json.loads(shown.data)["result"]["accounts"]}
+    assert rows["agent:worker-7"]["spent_tokens"] == 10
+    assert rows["agent:worker-7"]["limit"] == {"tokens": 1000}  # its template's budget
+    assert rows["agent:worker-8"]["held_tokens"] == 15
+    assert "agent:worker" in rows  # the template itself, as declared
 
 
 async def _settled(service: BudgetService, key: str, tokens: int) -> bool:
