@@ -9,28 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from beamline import ops, subjects
+from beamline import operator, ops, subjects
 from beamline.budget import AccountKind, Budget, BudgetReply, RaiseRequest, ShowRequest
-from beamline.errors import BeamlineError, Reason, TransientError, refusal
+from beamline.errors import BeamlineError, Reason
 
 
 async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 10) -> dict[str, Any]:
     """The budget service's result, or a clear error naming what failed."""
-    try:
-        msg = await nc.request(subject, body.model_dump_json().encode(), timeout=timeout)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-        raise TransientError(
-            f"no budget service answered {subject}: is services/budget running?",
-            Reason.BUDGET_UNAVAILABLE,
-        ) from exc
-    reply = BudgetReply.model_validate_json(msg.data)
-    if not reply.ok:
-        raise refusal(reply.error, reply.reason)
-    return reply.result
+    result: dict[str, Any] = await operator.ask(
+        nc,
+        subject,
+        body.model_dump_json().encode(),
+        BudgetReply,
+        ("budget service", "is services/budget running?"),
+        Reason.BUDGET_UNAVAILABLE,
+        timeout,
+    )
+    return result
 
 
 async def show(nc: NATS, name: str | None = None) -> dict[str, Any]:
@@ -72,5 +70,4 @@ def render(accounts: list[dict[str, Any]]) -> str:
                 "yes" if a["exhausted"] else "",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(operator.table(rows))

@@ -6,28 +6,26 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from beamline import subjects
-from beamline.errors import Reason, TransientError, refusal
+from beamline import operator, subjects
+from beamline.errors import Reason
 from beamline.guard import AnswerRequest, ListRequest, LoopguardReply, OnTimeout
 
 
 async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 30) -> dict[str, Any]:
     """The loop guard's result, or a clear error naming what failed."""
-    try:
-        msg = await nc.request(subject, body.model_dump_json().encode(), timeout=timeout)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-        raise TransientError(
-            f"no loop guard answered {subject}: is services/loopguard running?",
-            Reason.NATS_UNAVAILABLE,
-        ) from exc
-    reply = LoopguardReply.model_validate_json(msg.data)
-    if not reply.ok:
-        raise refusal(reply.error, reply.reason)
-    return reply.result
+    result: dict[str, Any] = await operator.ask(
+        nc,
+        subject,
+        body.model_dump_json().encode(),
+        LoopguardReply,
+        ("loop guard", "is services/loopguard running?"),
+        Reason.NATS_UNAVAILABLE,
+        timeout,
+    )
+    return result
 
 
 async def list_escalations(
@@ -61,7 +59,4 @@ def render(escalations: list[dict[str, Any]], now: float | None = None) -> str:
         left = e["deadline"] - now
         deadline = f"in {left:.0f}s, then {e['on_timeout']}" if e["status"] == "open" else "-"
         rows.append((e["id"], e["agent"], status, deadline, e["conversation_id"], what))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
+    return "\n".join(operator.table(rows))

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client as NATS
 
-from beamline import subjects
+from beamline import operator, subjects
 from beamline.control import AdminReply, AdminRequest
-from beamline.errors import Reason, TransientError, refusal
+from beamline.errors import Reason
 
 
 async def admin(
@@ -26,19 +25,18 @@ async def admin(
     """The supervisor's answer, or a clear error: a refused command raises CallerError with
     the supervisor's reason; no supervisor answering raises TransientError."""
     request = AdminRequest(target=target, requested_by="cli", suffixes=suffixes, count=count)
-    body = request.model_dump_json().encode()
-    try:
-        msg = await nc.request(subjects.admin(command), body, timeout=timeout)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-        raise TransientError(
-            f"no supervisor answered {subjects.admin(command)}: is one running (`beamline up` "
-            "with a deployment that declares supervisors)?",
-            Reason.NATS_UNAVAILABLE,
-        ) from exc
-    reply = AdminReply.model_validate_json(msg.data)
-    if not reply.ok:
-        raise refusal(reply.error, reply.reason)
-    return reply.result
+    return await operator.ask(
+        nc,
+        subjects.admin(command),
+        request.model_dump_json().encode(),
+        AdminReply,
+        (
+            "supervisor",
+            "is one running (`beamline up` with a deployment that declares supervisors)?",
+        ),
+        Reason.NATS_UNAVAILABLE,
+        timeout,
+    )
 
 
 PS_COLUMNS = (
@@ -66,11 +64,9 @@ def render_ps(rows: list[dict[str, Any]]) -> str:
             return f"paused:{row['paused_on']}"  # which provider's open breaker holds it
         return f"{value:.1f}s" if key == "heartbeat_age_s" else str(value)
 
-    table = [[h for h, _ in PS_COLUMNS]] + [[cell(r, k) for _, k in PS_COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(PS_COLUMNS))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table
-    ]
+    lines = operator.table(
+        [[h for h, _ in PS_COLUMNS]] + [[cell(r, k) for _, k in PS_COLUMNS] for r in rows]
+    )
     breakers = breaker_states(rows)
     if breakers:
         lines.append("breakers: " + ", ".join(f"{p} {s}" for p, s in sorted(breakers.items())))
