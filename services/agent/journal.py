@@ -36,9 +36,13 @@ class Journal:
         return entries
 
     async def append(self, agent: str, entry: Envelope) -> None:
-        """Persist, then remember: an entry is part of the journal only once it is stored."""
-        await bus.publish(self._js, subjects.journal(agent, entry.conversation_id), entry)
+        """Persist, then remember: an entry is part of the journal only once it is stored.
+        It carries how many entries came before it (`Bl-Entry`; a step journaled again
+        after a crash counts the entries before it, itself included, so it never says 0
+        unless it is the conversation's first)."""
         entries = await self.load(agent, entry.conversation_id)
+        subject = subjects.journal(agent, entry.conversation_id)
+        await bus.publish(self._js, subject, entry, {subjects.H_ENTRY: str(len(entries))})
         if not any(e.id == entry.id for e in entries):
             entries.append(entry)
 

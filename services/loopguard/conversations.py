@@ -26,20 +26,28 @@ class Conversations:
         return len(self._watches)
 
     async def watch(
-        self, agent: str, conversation: str, seq: int, guard: LoopGuard, ladder: AgentLadder
+        self,
+        agent: str,
+        conversation: str,
+        seq: int,
+        guard: LoopGuard,
+        ladder: AgentLadder,
+        first: bool = False,
     ) -> Watch:
-        """The watch of one agent's conversation, as of just before journal entry `seq`."""
+        """The watch of one agent's conversation, as of just before journal entry `seq`;
+        `first`: that entry is the conversation's first (nothing earlier to read)."""
         key = (agent, conversation)
         found = self._watches.get(key)
         if found is not None:
             self._watches.move_to_end(key)
             return found
         watch = Watch()
-        subject = subjects.journal(agent, conversation)
-        for entry_seq, entry in await read_entries(self.js, subject, below=seq):
-            if not ladder.skipped(entry_seq):
-                observe(guard, watch, entry)  # loops found again were acted on back then
-        self.replayed += 1
+        if not first:
+            subject = subjects.journal(agent, conversation)
+            for entry_seq, entry in await read_entries(self.js, subject, below=seq):
+                if not ladder.skipped(entry_seq):
+                    observe(guard, watch, entry)  # loops found again were acted on back then
+            self.replayed += 1
         self._watches[key] = watch
         while len(self._watches) > self.size:
             self._watches.popitem(last=False)

@@ -198,10 +198,12 @@ class LoopguardService:
         ladder = self.state.agents.get(agent, AgentLadder())
         if ladder.skipped(seq):
             return  # written by an incarnation the guard had already acted on
-        # first, whatever its kind: a conversation met at its first entry (its task) is known
-        # to have nothing earlier with one read, not replayed at its first counted entry
-        watch = await self.conversations.watch(agent, conversation, seq, guard, ladder)
-        if not counted(guard, (msg.headers or {}).get(subjects.H_KIND)):
+        # first, whatever its kind: a conversation met at its first entry (the agent says so
+        # in Bl-Entry) needs no read at all, one met later is replayed up to this entry
+        headers = msg.headers or {}
+        first = headers.get(subjects.H_ENTRY) == "0"
+        watch = await self.conversations.watch(agent, conversation, seq, guard, ladder, first)
+        if not counted(guard, headers.get(subjects.H_KIND)):
             return
         try:
             entry = bus.decode(msg.data, ENTRY_MAX_BYTES)

@@ -42,6 +42,9 @@ VERSION: Final = 1
 H_MSG_ID: Final = "Nats-Msg-Id"  # = envelope id: JetStream de-duplication
 H_TRACEPARENT: Final = "traceparent"  # W3C trace context
 H_KIND: Final = "Bl-Kind"
+# on a journal entry: how many entries its conversation had before it ("0": the first), so a
+# reader that meets a conversation at its first entry knows there is nothing to replay
+H_ENTRY: Final = "Bl-Entry"
 H_REASON: Final = "Bl-Reason"  # on dead letters and error replies
 H_SCHEMA: Final = "Bl-Schema"
 

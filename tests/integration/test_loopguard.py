@@ -142,6 +142,10 @@ async def test_a_loop_is_seen_on_the_third_identical_call_and_the_agent_restarte
     follow_up = await await_reply(mesh.nc, conversation, timeout=30, after=1)
     assert reply_text(follow_up) == "looper: found it another way"
     assert GUARDED in system_prompt((await calls(mesh, "looper-guarded"))[-1])
+    # the loop guard met the conversation at its first entry (Bl-Entry 0) and kept it:
+    # it never read the journal back
+    health = await guard_health(mesh)
+    assert health["conversations"] == 1 and health["replayed"] == 0, health
 
 
 async def test_a_second_loop_is_escalated_the_agent_waits_and_an_answer_resumes_it(
