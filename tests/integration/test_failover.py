@@ -198,32 +198,53 @@ async def _breaker_is(mesh: MeshHandle, provider: str, state: str) -> bool:
     return bool(health["breakers"].get(provider) == state)
 
 
+# no retry to burn, and any redelivery would be dead-lettered as poison: a pause must need
+# neither. It outlasts ack_wait, so only the mailbox keep-alive holds the messages.
+PAUSE_ENV = {
+    "BEAMLINE_AGENT_TRANSIENT_RETRIES": "0",
+    "BEAMLINE_AGENT_MAX_DELIVERIES": "1",
+    "BEAMLINE_AGENT_ACK_WAIT_S": "2",
+    "BEAMLINE_AGENT_BREAKER_RECHECK_S": "1",
+}
+
+
+async def solo_down(
+    start_mesh: MeshFactory, tmp_path: Path, config: str, prompts: list[str]
+) -> tuple[MeshHandle, Fake, list[str]]:
+    """A mesh whose agent `loner` has one provider, `solo`, answering 503; `prompts` sent to
+    it. The mesh, solo's fake, and the prompts' conversations."""
+    (tmp_path / "one.yaml").write_text(config)
+    (tmp_path / "solo.yaml").write_text(DOWN % 503)
+    mesh = await start_mesh(
+        config=tmp_path / "one.yaml", script=tmp_path / "solo.yaml", env=PAUSE_ENV
+    )
+    conversations = [await client.submit(mesh.nc, subjects.inbox("loner"), p) for p in prompts]
+    return mesh, Fake(mesh.fakellm_url), conversations
+
+
+async def paused_loner(mesh: MeshHandle) -> dict[str, Any] | None:
+    row = await agent_row(mesh, "loner")
+    return row if row["state"] == "paused" else None
+
+
+async def replies_once_healed(mesh: MeshHandle, solo: Fake, conversations: list[str]) -> list[str]:
+    """solo healed: the text of each conversation's reply, in order."""
+    await solo.script(HEALED % "solo")
+    texts = []
+    for conversation in conversations:
+        reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+        assert reply.kind.value == "reply", reply
+        texts.append(client.reply_text(reply))
+    return texts
+
+
 async def test_a_single_provider_agent_is_paused_and_resumes_with_no_message_lost(
     start_mesh: MeshFactory, tmp_path: Path
 ) -> None:
-    (tmp_path / "one.yaml").write_text(ONE_PROVIDER)
-    (tmp_path / "solo.yaml").write_text(DOWN % 503)
-    mesh = await start_mesh(
-        config=tmp_path / "one.yaml",
-        script=tmp_path / "solo.yaml",
-        env={
-            # no retry to burn, and any redelivery would be dead-lettered as poison: the
-            # pause must need neither. It outlasts ack_wait, so the host keeps its messages.
-            "BEAMLINE_AGENT_TRANSIENT_RETRIES": "0",
-            "BEAMLINE_AGENT_MAX_DELIVERIES": "1",
-            "BEAMLINE_AGENT_ACK_WAIT_S": "2",
-            "BEAMLINE_AGENT_BREAKER_RECHECK_S": "1",
-        },
-    )
-    solo = Fake(mesh.fakellm_url)
     prompts = [f"message {i}" for i in range(1, 5)]
-    conversations = [await client.submit(mesh.nc, subjects.inbox("loner"), p) for p in prompts]
+    mesh, solo, conversations = await solo_down(start_mesh, tmp_path, ONE_PROVIDER, prompts)
 
-    async def paused() -> dict[str, Any] | None:
-        row = await agent_row(mesh, "loner")
-        return row if row["state"] == "paused" else None
-
-    row = await wait_for(paused, timeout=20, what="loner paused")
+    row = await wait_for(lambda: paused_loner(mesh), timeout=20, what="loner paused")
     assert row["paused_on"] == "solo" and row["mailbox_depth"] == 4
     assert row["breakers"] == {"solo": "open"}
     ps = await ops.admin(mesh.nc, "ps")
@@ -237,12 +258,7 @@ async def test_a_single_provider_agent_is_paused_and_resumes_with_no_message_los
     assert len(await solo.calls()) <= 6
     assert (await agent_row(mesh, "loner"))["state"] == "paused"
 
-    await solo.script(HEALED % "solo")
-    texts = []
-    for conversation in conversations:
-        reply = await client.await_reply(mesh.nc, conversation, timeout=30)
-        assert reply.kind.value == "reply", reply
-        texts.append(client.reply_text(reply))
+    texts = await replies_once_healed(mesh, solo, conversations)
     assert texts == [f"solo: {p}" for p in prompts]
     assert await solo.said() == prompts  # answered in the order sent, each once
     info = await mesh.js.stream_info(subjects.STREAM_DLQ)
@@ -263,37 +279,19 @@ async def test_a_single_provider_agent_is_paused_and_resumes_with_no_message_los
 async def test_an_isolated_agent_paused_longer_than_ack_wait_loses_no_message(
     start_mesh: MeshFactory, tmp_path: Path
 ) -> None:
-    (tmp_path / "one.yaml").write_text(ISOLATED_ONE_PROVIDER)
-    (tmp_path / "solo.yaml").write_text(DOWN % 503)
-    mesh = await start_mesh(
-        config=tmp_path / "one.yaml",
-        script=tmp_path / "solo.yaml",
-        env={  # as above: any redelivery would be dead-lettered as poison
-            "BEAMLINE_AGENT_TRANSIENT_RETRIES": "0",
-            "BEAMLINE_AGENT_MAX_DELIVERIES": "1",
-            "BEAMLINE_AGENT_ACK_WAIT_S": "2",
-            "BEAMLINE_AGENT_BREAKER_RECHECK_S": "1",
-        },
-    )
-    solo = Fake(mesh.fakellm_url)
     prompts = [f"message {i}" for i in range(1, 4)]
-    conversations = [await client.submit(mesh.nc, subjects.inbox("loner"), p) for p in prompts]
+    mesh, solo, conversations = await solo_down(
+        start_mesh, tmp_path, ISOLATED_ONE_PROVIDER, prompts
+    )
 
-    async def paused() -> dict[str, Any] | None:
-        row = await agent_row(mesh, "loner")
-        return row if row["state"] == "paused" else None
-
-    row = await wait_for(paused, timeout=30, what="loner paused in its own process")
+    row = await wait_for(
+        lambda: paused_loner(mesh), timeout=30, what="loner paused in its own process"
+    )
     assert row["isolation"] == "process" and row["pid"]
     # paused through three times ack_wait: only the keep-alive holds its messages
     await wait_for(lambda: _calls_at_least(solo, 6), timeout=30, what="failed trials for 6 s")
 
-    await solo.script(HEALED % "solo")
-    texts = []
-    for conversation in conversations:
-        reply = await client.await_reply(mesh.nc, conversation, timeout=30)
-        assert reply.kind.value == "reply", reply
-        texts.append(client.reply_text(reply))
+    texts = await replies_once_healed(mesh, solo, conversations)
     assert texts == [f"solo: {p}" for p in prompts]
     assert (await mesh.js.stream_info(subjects.STREAM_DLQ)).state.messages == 0
 
