@@ -4,9 +4,9 @@ compare-and-set (`beamline.kvrecord`):
 - `ledger`: spend, holds, raised limits, exhaustions; written after every change and before
   any answer that depends on it (each reservation);
 - `conversations`: the per-conversation itemisation the exhaustion reports list, written
-  after each batch of settled calls. It is most of the bytes (200 agents x 50 conversations
-  is 830 KB) and no reservation changes it, so a reservation no longer writes it. A crash
-  between the two writes loses one batch's itemisation, never spend.
+  by the service every `itemisation_flush_s` when it changed, and at stop. It is most of the
+  bytes (200 agents x 50 conversations is 830 KB) and no answer depends on it, so neither a
+  reservation nor a settle writes it. A crash loses at most one interval of it, never spend.
 
 Why KV and not a rebuild from the event stream: reservations are not events (they are held
 and dropped within a call), and a restarted service must know what is held as well as what

@@ -43,9 +43,11 @@ async def print_events(
         payload = json.loads(msg.data)["payload"]
         name, fields = payload["name"], payload["data"]
         line = shown.get(name)
-        if line is not None and data is not None:
+        if line is None:
+            return
+        if data is not None:
             fields = data(name, fields)
-        if line is not None and fields is not None:
+        if fields is not None:
             print(f"   {prefix}{line.format_map(Lenient(fields))}")
 
     return await nc.subscribe(subject, cb=show)
