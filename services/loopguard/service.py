@@ -1,17 +1,19 @@
 """The loop guard's NATS shell: journal entries into the detector, loops up the ladder, and
 the ladder's commands to the supervisor; escalations out to humans, their answers in.
 
-    BL_JOURNAL, durable consumer `loopguard`   every agent's steps, in order
+    BL_JOURNAL, durable consumer `loopguard`   every agent's steps, in order (`feed`)
     bl.sup.guard        (request to the supervisor) restart | suspend | resume | stop;
                         sent in order, re-sent until the leader answers
     bl.escalation.<agent>                       escalation_opened / escalation_closed
     bl.loopguard.list | answer  (operator)      open escalations; a human's answer
     bl.events.loopguard.loop_detected | guard_refused
 
-Every change of state is persisted (`GuardStore`) before it is acted on, under one lock. A
-loop's journal entry is acknowledged only once its command is carried out and the stale
-entries of the looping incarnation are fenced off, so a restart of this service redoes
-what was unfinished (with the same ids: nothing is done twice).
+Every change of state is persisted (`GuardStore`) before it is acted on, under one lock.
+The journal position moves past a loop's entry only once its command is carried out and
+the stale entries of the looping incarnation are fenced off, so a restart of this service
+reads that entry again and redoes what was unfinished (with the same ids: nothing is done
+twice). A loop completed before the agent's latest decided one was decided in an earlier
+life, and is not decided again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from beamline import bus, config, nats_auth, streams, subjects
@@ -47,12 +48,12 @@ from beamline.guard import (
 )
 from beamline.ids import derived_id
 from beamline.journal import ENTRY_MAX_BYTES
-from beamline.pulling import pull_forever
 from beamline.requests import parse_request
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.loopguard.conversations import Conversations
 from services.loopguard.detector import counted, observe
+from services.loopguard.feed import JournalFeed
 from services.loopguard.ladder import (
     AgentLadder,
     Decision,
@@ -64,7 +65,7 @@ from services.loopguard.ladder import (
     prune,
 )
 from services.loopguard.settings import LoopguardSettings
-from services.loopguard.store import GuardStore
+from services.loopguard.store import GuardStore, PositionStore
 
 log = logging.getLogger("beamline.loopguard")
 
@@ -80,6 +81,7 @@ class LoopguardService:
         nc: NATS,
         store: GuardStore,
         state: GuardState,
+        positions: PositionStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings, self.deployment, self.nc = settings, deployment, nc
@@ -87,6 +89,7 @@ class LoopguardService:
         self.js = nc.jetstream()
         self.events = EventSink(self.js, SERVICE)
         self.conversations = Conversations(self.js, settings.conversations)
+        self.feed = JournalFeed(self.js, positions, settings, self._failed)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()  # a command was queued
         self._waiters: dict[str, asyncio.Future[GuardReply]] = {}
@@ -99,19 +102,7 @@ class LoopguardService:
 
     async def start(self) -> None:
         self.events.start()
-        # the consumer exists before this service says it is up: a mesh that starts its
-        # agents after that has none of their steps unwatched
-        journal = await self.js.pull_subscribe(
-            subjects.JOURNAL_ALL,
-            durable=subjects.CONSUMER_LOOPGUARD,
-            stream=subjects.STREAM_JOURNAL,
-            # NEW: a first start watches from now on, not a month of finished conversations
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.NEW,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.settings.ack_wait_s,
-            ),
-        )
+        await self.feed.open()
         self._subs.append(
             await self.nc.subscribe(
                 subjects.LOOPGUARD_ALL, queue=subjects.QUEUE_LOOPGUARD, cb=self.on_request
@@ -119,7 +110,8 @@ class LoopguardService:
         )
         self._subs.append(await answer_health(self.nc, SERVICE, self.status))
         for name, loop in (
-            ("watch", self._watch_loop(journal)),
+            ("watch", self.feed.run(self._on_entry)),
+            ("position", self.feed.keep()),
             ("send", self._send_loop()),
             ("deadlines", self._deadline_loop()),
         ):
@@ -136,6 +128,8 @@ class LoopguardService:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        with contextlib.suppress(Exception):  # else a restart reads a little more again
+            await self.feed.save()
         await self.events.close(timeout=5.0)
 
     def status(self) -> dict[str, Any]:
@@ -146,6 +140,8 @@ class LoopguardService:
             "outbox": len(self.state.outbox),
             "conversations": len(self.conversations),
             "replayed": self.conversations.replayed,
+            "position": self.feed.seq,
+            "reopened": self.feed.reopened,
             "events_dropped": self.events.dropped,
             "last_error": self.last_error,
             **self.counts,
@@ -153,37 +149,8 @@ class LoopguardService:
 
     # --- the journal ----------------------------------------------------------------------
 
-    async def _watch_loop(self, journal: Any) -> None:
-        await pull_forever(
-            journal,
-            self.settings.fetch_batch,
-            self._on_batch,
-            "journal entries",
-            self._failed,
-            self.settings.linger_s,
-        )
-
-    async def _on_batch(self, msgs: list[Msg]) -> None:
-        for i, msg in enumerate(msgs):
-            try:
-                await self._on_entry(msg)
-            except Exception as exc:  # NATS or KV unavailable for now
-                await self._later(msgs[i:], exc)
-                return
-            await msg.ack()
-
     def _failed(self, error: str) -> None:
         self.last_error = error
-
-    async def _later(self, msgs: list[Msg], exc: Exception) -> None:
-        """Hand the rest of a batch back, in order, to be redelivered shortly: counts must
-        see a conversation's entries in journal order."""
-        self.last_error = f"journal entry not handled: {exc!r}"
-        log.warning("journal entry not handled; redelivered shortly", exc_info=True)
-        for msg in msgs:
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=self.settings.retry_s)
-        await asyncio.sleep(self.settings.retry_s)
 
     async def _on_entry(self, msg: Msg) -> None:
         self.counts["entries"] += 1
@@ -211,17 +178,19 @@ class LoopguardService:
             log.warning("journal entry unreadable; skipped", extra={"seq": seq, "error": str(exc)})
             return
         loop = observe(guard, watch, entry)
+        if seq < ladder.last_loop_seq:
+            return  # read again after a restart: its loop, if any, was decided back then
         if ladder.last_loop_seq == seq and ladder.last_loop is not None:
-            # redelivered: the loop it completed was decided before (this service restarted,
+            # read again: the loop it completed was decided before (this service restarted,
             # or NATS failed half-way); carry it on unless it was carried out
             if ladder.carried_out(seq):
                 return
             loop = ladder.last_loop
         if loop is not None:
-            await self._on_loop(msg, agent, entry, seq, loop, guard)
+            await self._on_loop(agent, entry, seq, loop, guard)
 
     async def _on_loop(
-        self, msg: Msg, agent: str, entry: Envelope, seq: int, loop: Loop, guard: LoopGuard
+        self, agent: str, entry: Envelope, seq: int, loop: Loop, guard: LoopGuard
     ) -> None:
         async with self._lock:
             ladder = self.state.agents.get(agent, AgentLadder())
@@ -259,7 +228,7 @@ class LoopguardService:
             # at once: the suspend goes first in the outbox, so an answer can only follow it
             await self._publish_escalation("escalation_opened", decision.escalation)
         if decision.command is not None:
-            await self._carried_out(decision.command.id, msg)
+            await self._carried_out(decision.command.id)
         # what the looping incarnation wrote until it was stopped is not counted again
         last = (await self.js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq
         async with self._lock:
@@ -292,19 +261,11 @@ class LoopguardService:
     def _waiter(self, command_id: str) -> asyncio.Future[GuardReply]:
         return self._waiters.setdefault(command_id, asyncio.get_running_loop().create_future())
 
-    async def _carried_out(self, command_id: str, msg: Msg | None = None) -> GuardReply | None:
-        """Wait until the supervisor has answered `command_id` (at once if it has); keep the
-        journal entry `msg` from redelivery meanwhile."""
+    async def _carried_out(self, command_id: str) -> GuardReply | None:
+        """Wait until the supervisor has answered `command_id` (at once if it has)."""
         if not self.state.queued(command_id):
             return None
-        waiter = self._waiter(command_id)
-        while True:
-            try:
-                return await asyncio.wait_for(asyncio.shield(waiter), self.settings.ack_wait_s / 3)
-            except TimeoutError:
-                if msg is not None:
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
+        return await asyncio.shield(self._waiter(command_id))
 
     async def _send_loop(self) -> None:
         while True:
@@ -545,8 +506,11 @@ async def main(stop: asyncio.Event) -> None:
         await streams.require_layout(
             js, nats_auth.USES[nats_auth.Role.LOOPGUARD], mesh.layout_wait_s
         )
-        store = GuardStore(await js.key_value(subjects.BUCKET_LOOPGUARD))
-        service = LoopguardService(settings, deployment, nc, store, await store.load())
+        kv = await js.key_value(subjects.BUCKET_LOOPGUARD)
+        store = GuardStore(kv)
+        service = LoopguardService(
+            settings, deployment, nc, store, await store.load(), PositionStore(kv)
+        )
         await service.start()
         await stop.wait()
         log.info("stopping: no new entries")

@@ -19,8 +19,12 @@ class LoopguardSettings(BaseSettings):
         description="After a pull that was not full, wait this long for more entries: a loop "
         "is seen this much later, and a busy mesh costs one pull per batch, not per entry.",
     )
-    ack_wait_s: float = Field(
-        default=30.0, gt=0, description="An entry not acknowledged by then is redelivered."
+    position_flush_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the journal position is persisted when it moved: a restart "
+        "after a crash reads again at most this much of the journal.",
     )
     supervisor_timeout_s: float = Field(
         default=10.0, gt=0, description="For the leading supervisor's answer to a command."

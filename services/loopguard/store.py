@@ -1,16 +1,19 @@
-"""The loop guard's state in KV: one key (`state`) in bucket `BL_LOOPGUARD`, written by
-compare-and-set after every change and before the loop guard acts on it
-(`beamline.kvrecord`): ladders, escalations, and commands not yet acknowledged."""
+"""The loop guard's state in KV, bucket `BL_LOOPGUARD`, written by compare-and-set
+(`beamline.kvrecord`): key `state` after every change and before the loop guard acts on it
+(ladders, escalations, commands not yet acknowledged); key `position` the journal entry it
+has finished with, written more lazily (a restart re-reads what came after it)."""
 
 from __future__ import annotations
 
 from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field
 
 from beamline import subjects
 from beamline.kvrecord import KVRecord
 from services.loopguard.ladder import GuardState
 
 KEY = "state"
+POSITION_KEY = "position"
 
 
 class GuardStore(KVRecord[GuardState]):
@@ -22,5 +25,28 @@ class GuardStore(KVRecord[GuardState]):
             GuardState,
             what="the loop guard's state",
             forgets="forgets every ladder and open escalation",
+            service="loopguard",
+        )
+
+
+class JournalPosition(BaseModel):
+    """The last journal entry the loop guard has finished with (0: none yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq: int = Field(default=0, ge=0)
+
+
+class PositionStore(KVRecord[JournalPosition]):
+    """Key `position` of BL_LOOPGUARD, written on a timer and at stop (`feed.JournalFeed`)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        super().__init__(
+            kv,
+            subjects.BUCKET_LOOPGUARD,
+            POSITION_KEY,
+            JournalPosition,
+            what="the loop guard's journal position",
+            forgets="makes it watch from the journal's end",
             service="loopguard",
         )

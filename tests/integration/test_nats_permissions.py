@@ -10,6 +10,7 @@ JetStream ack, a delivered message, an answered request), so each test can fail 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
+from nats.js.errors import NotFoundError
 from pydantic import SecretStr
 
 from beamline import bus, client, nats_auth, streams, subjects
@@ -493,15 +495,32 @@ async def test_the_loop_guard_watches_the_journal_commands_the_supervisor_and_es
         assert (await human.nc.request(subjects.LOOPGUARD_ANSWER, b"{}", timeout=5)).data
         assert (await human.nc.request(subjects.LOOPGUARD_LIST, b"{}", timeout=5)).data
 
-    # the journal, through its durable consumer: declare, pull, ack; and a conversation
-    # replayed by direct gets
+    # the journal, through its durable consumer (`services.loopguard.feed`): declared from a
+    # position, pulled, inspected, deleted and declared again; and a conversation replayed
+    # by direct gets
     a_js, g_js = agent.nc.jetstream(), guard.nc.jetstream()
     await bus.publish(a_js, subjects.journal("writer", "c1"), envelope("c1"))
-    entries = await g_js.pull_subscribe(
-        subjects.JOURNAL_ALL, durable=subjects.CONSUMER_LOOPGUARD, stream=subjects.STREAM_JOURNAL
-    )
-    (msg,) = await entries.fetch(1, timeout=5)
-    await msg.ack_sync(timeout=5)
+    for _ in range(2):
+        with contextlib.suppress(NotFoundError):
+            await g_js.delete_consumer(subjects.STREAM_JOURNAL, subjects.CONSUMER_LOOPGUARD)
+        await g_js.add_consumer(
+            subjects.STREAM_JOURNAL,
+            ConsumerConfig(
+                durable_name=subjects.CONSUMER_LOOPGUARD,
+                filter_subject=subjects.JOURNAL_ALL,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=1,
+                ack_policy=AckPolicy.NONE,
+            ),
+        )
+        entries = await g_js.pull_subscribe_bind(
+            durable=subjects.CONSUMER_LOOPGUARD, stream=subjects.STREAM_JOURNAL
+        )
+        (entry,) = await entries.fetch(1, timeout=5)
+        await entries.unsubscribe()
+        assert entry.metadata.sequence.stream == 1
+        info = await g_js.consumer_info(subjects.STREAM_JOURNAL, subjects.CONSUMER_LOOPGUARD)
+        assert info.delivered is not None and info.delivered.stream_seq == 1
     replayed = await read_entries(g_js, subjects.journal("writer", "c1"))
     assert [env.conversation_id for _, env in replayed] == ["c1"]
     assert (await g_js.stream_info(subjects.STREAM_JOURNAL)).state.last_seq == 1
