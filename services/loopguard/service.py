@@ -1,7 +1,8 @@
 """The loop guard's NATS shell: journal entries into the detector, loops up the ladder, and
 the ladder's commands to the supervisor; escalations out to humans, their answers in.
 
-    BL_JOURNAL, durable consumer `loopguard`   every agent's steps, in order (`feed`)
+    BL_JOURNAL, durable consumer `loopguard`   every agent's steps, in order, no acks
+                                               (`beamline.feed`, position in `PositionStore`)
     bl.sup.guard        (request to the supervisor) restart | suspend | resume | stop;
                         sent in order, re-sent until the leader answers
     bl.escalation.<agent>                       escalation_opened / escalation_closed
@@ -36,6 +37,7 @@ from beamline.config import Deployment
 from beamline.envelope import Envelope, EventPayload, Kind
 from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
+from beamline.feed import Feed
 from beamline.guard import (
     AnswerRequest,
     Escalation,
@@ -53,7 +55,6 @@ from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
 from services.loopguard.conversations import Conversations
 from services.loopguard.detector import counted, observe
-from services.loopguard.feed import JournalFeed
 from services.loopguard.ladder import (
     AgentLadder,
     Decision,
@@ -89,7 +90,18 @@ class LoopguardService:
         self.js = nc.jetstream()
         self.events = EventSink(self.js, SERVICE)
         self.conversations = Conversations(self.js, settings.conversations)
-        self.feed = JournalFeed(self.js, positions, settings, self._failed)
+        self.positions = positions
+        self.feed = Feed(
+            self.js,
+            stream=subjects.STREAM_JOURNAL,
+            consumer=subjects.CONSUMER_LOOPGUARD,
+            filter_subject=subjects.JOURNAL_ALL,
+            what="journal entries",
+            batch=settings.fetch_batch,
+            linger_s=settings.linger_s,
+            retry_s=settings.retry_s,
+            failed=self._failed,
+        )
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()  # a command was queued
         self._waiters: dict[str, asyncio.Future[GuardReply]] = {}
@@ -102,7 +114,8 @@ class LoopguardService:
 
     async def start(self) -> None:
         self.events.start()
-        await self.feed.open()
+        await self.feed.open(await self.positions.position())
+        await self.positions.keep(self.feed.seq)  # a first start's, at once
         self._subs.append(
             await self.nc.subscribe(
                 subjects.LOOPGUARD_ALL, queue=subjects.QUEUE_LOOPGUARD, cb=self.on_request
@@ -110,8 +123,8 @@ class LoopguardService:
         )
         self._subs.append(await answer_health(self.nc, SERVICE, self.status))
         for name, loop in (
-            ("watch", self.feed.run(self._on_entry)),
-            ("position", self.feed.keep()),
+            ("watch", self.feed.run(self._on_batch)),
+            ("position", self._position_loop()),
             ("send", self._send_loop()),
             ("deadlines", self._deadline_loop()),
         ):
@@ -129,7 +142,7 @@ class LoopguardService:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         with contextlib.suppress(Exception):  # else a restart reads a little more again
-            await self.feed.save()
+            await self.positions.keep(self.feed.seq)
         await self.events.close(timeout=5.0)
 
     def status(self) -> dict[str, Any]:
@@ -148,6 +161,21 @@ class LoopguardService:
         }
 
     # --- the journal ----------------------------------------------------------------------
+
+    async def _on_batch(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            await self._on_entry(msg)
+            self.feed.done(msg)
+
+    async def _position_loop(self) -> None:
+        """Persist the journal position every `position_flush_s` when it moved."""
+        while True:
+            await asyncio.sleep(self.settings.position_flush_s)
+            try:
+                await self.positions.keep(self.feed.seq)
+            except Exception as exc:  # NATS unavailable for now: the next tick tries again
+                self._failed(f"journal position not saved: {exc!r}")
+                log.warning("journal position not saved; retrying", extra={"error": repr(exc)})
 
     def _failed(self, error: str) -> None:
         self.last_error = error

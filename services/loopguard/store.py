@@ -38,7 +38,8 @@ class JournalPosition(BaseModel):
 
 
 class PositionStore(KVRecord[JournalPosition]):
-    """Key `position` of BL_LOOPGUARD, written on a timer and at stop (`feed.JournalFeed`)."""
+    """Key `position` of BL_LOOPGUARD: where the journal feed resumes (`beamline.feed`).
+    Written on a timer and at stop: a restart after a crash reads a little again."""
 
     def __init__(self, kv: KeyValue) -> None:
         super().__init__(
@@ -50,3 +51,15 @@ class PositionStore(KVRecord[JournalPosition]):
             forgets="makes it watch from the journal's end",
             service="loopguard",
         )
+        self.saved: int | None = None
+
+    async def position(self) -> int | None:
+        """The persisted position; None on a first start."""
+        found = await self.load()
+        self.saved = found.seq if self.revision else None
+        return self.saved
+
+    async def keep(self, seq: int) -> None:
+        if seq != self.saved:
+            await self.save_or_exit(JournalPosition(seq=seq))
+            self.saved = seq

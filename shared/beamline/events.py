@@ -2,8 +2,10 @@
 
 `emit` is synchronous and never blocks: the gateway's breaker listener runs inside
 pybreaker's synchronous code, a reply must not wait for an event's ack, and a supervisor's
-restart must not wait for its record. A single task publishes in order; each envelope id is
-its Nats-Msg-Id, so a retried publish stays one message.
+restart must not wait for its record. Events are sent in the order emitted, up to `WINDOW`
+of them awaiting their acks at once: awaited one by one, a busy gateway's call events fell
+seconds behind, and the budget settles from them (holds piled up meanwhile). Each envelope
+id is its Nats-Msg-Id, so a retried publish stays one message.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger("beamline.events")
 RECIPIENT = "events"
 MAX_QUEUED = 10_000
 PUBLISH_TRIES = 3
+WINDOW = 64  # publishes awaiting their ack at once
 
 
 def event_envelope(
@@ -74,12 +77,25 @@ class EventSink:
         await finish_then_cancel(self._task, self._queue.join, timeout)
 
     async def _run(self) -> None:
-        while True:
-            env = await self._queue.get()
-            try:
-                await self._publish(env)
-            finally:
-                self._queue.task_done()
+        window = asyncio.Semaphore(WINDOW)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            window.release()
+            self._queue.task_done()
+
+        try:
+            while True:
+                env = await self._queue.get()
+                await window.acquire()
+                # started in order, each writes its message before it awaits: sent in order
+                task = asyncio.create_task(self._publish(env))
+                in_flight.add(task)
+                task.add_done_callback(done)
+        finally:
+            for task in in_flight:
+                task.cancel()
 
     async def _publish(self, env: Envelope) -> None:
         name = getattr(env.payload, "name", "")

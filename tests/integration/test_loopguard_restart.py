@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 
 from beamline import bus, config, subjects
 from beamline.envelope import Envelope, Kind, TaskPayload, ToolResultPayload
+from beamline.errors import ConfigError
 from beamline.guard import GuardCommand, GuardReply
 from beamline.testing import wait_for
 from services.loopguard.ladder import GuardState
@@ -121,3 +122,10 @@ async def test_a_restart_behind_its_position_acts_on_no_loop_twice(
     persisted = GuardState.model_validate_json((await kv.get("state")).value or b"{}")
     assert persisted.agents["stubborn"].loops == 3
     assert json.loads((await kv.get("position")).value or b"{}")["seq"] == third[-1]
+
+
+async def test_an_unreadable_journal_position_stops_the_start_naming_the_key(nc: NATS) -> None:
+    kv = await nc.jetstream().key_value(subjects.BUCKET_LOOPGUARD)
+    await kv.put("position", b'{"seq": -4}')
+    with pytest.raises(ConfigError, match="BL_LOOPGUARD/position"):
+        await start_guard(nc)
