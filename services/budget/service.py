@@ -27,7 +27,6 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from beamline import bus, config, nats_auth, streams, subjects
@@ -45,7 +44,7 @@ from beamline.control import ControlReply
 from beamline.envelope import Envelope, EventPayload, Kind
 from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
-from beamline.pulling import pull_forever
+from beamline.feed import Feed
 from beamline.requests import parse_request as _parse
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
@@ -59,7 +58,7 @@ SERVICE = "budget"
 COMMANDS = ("reserve", "raise", "show")
 REQUEST_MAX_BYTES = 64 * 1024
 GATEWAY_EVENTS = "bl.events.gateway.>"  # settles use two of them; breakers' are skipped
-ACK_WAIT_S = 30.0
+SETTLE_RETRY_S = 1.0  # after a failed ledger write, the same call events again
 REPORT_CONVERSATIONS = 1000  # = the supervisor's BULK_EVENT_NAMES
 REQUESTS_IN_FLIGHT = 256  # answered at once; past this the subscription waits its turn
 
@@ -90,6 +89,18 @@ class BudgetService:
         self.settings, self.deployment, self.nc = settings, deployment, nc
         self.store, self.ledger, self.clock = store, ledger, clock
         self.events = EventSink(nc.jetstream(), SERVICE)
+        # no acks: the ledger's `applied_seq`, persisted with every settle, is the position
+        self.outcomes = Feed(
+            nc.jetstream(),
+            stream=subjects.STREAM_EVENTS,
+            consumer=subjects.CONSUMER_BUDGET,
+            filter_subject=GATEWAY_EVENTS,
+            what="call events",
+            batch=settings.fetch_batch,
+            linger_s=settings.settle_linger_s,
+            retry_s=SETTLE_RETRY_S,
+            failed=self._failed,
+        )
         self._itemisation_saved = 0  # ledger.itemisation_changes when last persisted
         self._wake = asyncio.Event()
         self._subs: list[Subscription] = []
@@ -110,17 +121,10 @@ class BudgetService:
 
     async def start(self) -> None:
         self.events.start()
-        # the consumer exists before this service says it is up: on a first start (it
-        # delivers only NEW events) no call settled meanwhile is missed
-        outcomes = await self.nc.jetstream().pull_subscribe(
-            GATEWAY_EVENTS,
-            durable=subjects.CONSUMER_BUDGET,
-            stream=subjects.STREAM_EVENTS,
-            # NEW: budgets count from the service's first start, not a week of history
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S
-            ),
-        )
+        # the consumer resumes before this service says it is up: no call settled meanwhile
+        # is missed; a first start counts from now on, not a week of history
+        applied = self.ledger.record.applied_seq
+        await self.outcomes.open(applied or None)
         self._subs.append(
             await self.nc.subscribe(
                 subjects.BUDGET_ALL, queue=subjects.QUEUE_BUDGET, cb=self.on_request
@@ -128,7 +132,7 @@ class BudgetService:
         )
         self._subs.append(await answer_health(self.nc, SERVICE, self.status))
         for name, loop in (
-            ("settle", self._settle_loop(outcomes)),
+            ("settle", self.outcomes.run(self._settle)),
             ("sweep", self._sweep_loop()),
             ("report", self._report_loop()),
             ("itemisation", self._itemisation_loop()),
@@ -305,22 +309,12 @@ class BudgetService:
 
     # --- call outcomes -------------------------------------------------------------------
 
-    async def _settle_loop(self, sub: Any) -> None:
-        await pull_forever(
-            sub,
-            self.settings.fetch_batch,
-            self._settle,
-            "call events",
-            self._failed,
-            self.settings.settle_linger_s,
-        )
-
     async def _settle(self, msgs: list[Msg]) -> None:
+        """Apply, then persist: a failed write (NATS down) raises, and the feed hands the
+        same events over again, which `applied_seq` skips, until the write succeeds."""
         for msg in msgs:
             self._apply(msg)
         await self._save()
-        for msg in msgs:
-            await msg.ack()
 
     def _failed(self, error: str) -> None:
         self.last_error = error
@@ -328,7 +322,7 @@ class BudgetService:
     def _apply(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         if seq <= self.ledger.record.applied_seq:
-            return  # applied and persisted before a restart, not acked: not twice
+            return  # applied before: read again after a restart, or a failed write
         self.ledger.record.applied_seq = seq
         name = subjects.last_token(msg.subject, -1)
         if msg.subject not in (subjects.LLM_CALL_COMPLETED, subjects.LLM_CALL_FAILED):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from beamline import bus, config, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
@@ -160,6 +160,38 @@ async def test_the_itemisation_is_persisted_at_stop(nc: NATS) -> None:
     loaded = await LedgerStore(kv).load()
     assert "conv-call-2" in loaded.conversations["free"]
     assert loaded.spent["agent:free"].tokens == 10
+
+
+async def test_calls_completed_while_it_was_down_are_settled_once_after_a_restart(
+    nc: NATS,
+) -> None:
+    service = await start_budget(nc)
+    try:
+        assert (await reserve(nc, "call-a"))["ok"] and (await reserve(nc, "call-b"))["ok"]
+        await completed(nc, "call-a", "free", "conv-a")
+        await wait_for(lambda: _settled(service, "agent:free", 10), timeout=10, what="settled")
+    finally:
+        await service.stop()
+    await completed(nc, "call-b", "free", "conv-b")  # nobody is reading the events
+    # and the consumer delivered it into the void (a crash with a batch in hand, or a pull
+    # answered into a lost connection): the ledger, not the consumer, says what was applied
+    lost = await nc.jetstream().pull_subscribe_bind(
+        durable=subjects.CONSUMER_BUDGET, stream=subjects.STREAM_EVENTS
+    )
+    assert len(await lost.fetch(1, timeout=5)) == 1
+    await lost.unsubscribe()
+
+    again = await start_budget(nc)
+    try:
+        # call-a is not charged again: the consumer resumes after the ledger's applied_seq
+        await wait_for(lambda: _settled(again, "agent:free", 20), timeout=10, what="call-b")
+        assert again.ledger.record.holds == {}
+        await asyncio.sleep(0.3)  # a second charge of call-a would show by now
+        assert again.ledger.spent("agent:free").tokens == 20
+        info = await nc.jetstream().consumer_info(subjects.STREAM_EVENTS, subjects.CONSUMER_BUDGET)
+        assert info.config.ack_policy == AckPolicy.NONE  # the ledger is the position
+    finally:
+        await again.stop()
 
 
 async def test_with_its_bucket_gone_a_raise_or_a_grant_is_refused_and_undone(
