@@ -48,7 +48,7 @@ from beamline.feed import Feed
 from beamline.requests import parse_request as _parse
 from beamline.service import answer_health, crash_on_error
 from beamline.settings import MeshSettings
-from services.budget.ledger import Deferred, Granted, Ledger, LedgerError, Refused
+from services.budget.ledger import Deferred, Granted, Hold, Ledger, LedgerError, Refused
 from services.budget.settings import BudgetSettings
 from services.budget.store import LedgerStore
 
@@ -355,17 +355,20 @@ class BudgetService:
         )
 
     async def _sweep_loop(self) -> None:
+        expired: list[Hold] = []  # charged in memory, reported once persisted
         while True:
             await asyncio.sleep(self.settings.sweep_s)
-            expired = self.ledger.expire(self.clock(), self.settings.late_window_s)
+            expired += self.ledger.expire(self.clock(), self.settings.late_window_s)
             if not expired:
                 continue
-            await self._save()
+            if not await self._saved("expired reservations"):
+                continue
             for hold in expired:
                 self.counts["expired"] += 1
                 data = {"request_id": hold.request_id, "agent": hold.agent, "tokens": hold.tokens}
                 log.warning("reservation expired unsettled; charged at its estimate", extra=data)
                 self.events.emit("reservation_expired", {**data, "usd": hold.usd})
+            expired = []
 
     # --- reports to the supervisor -------------------------------------------------------
 
@@ -376,8 +379,9 @@ class BudgetService:
             self._wake.clear()
             for key in list(self.ledger.unreported()):
                 if await self._report(key):
+                    # unsaved, a restart reports it again: the supervisor knows its id
                     self.ledger.mark_reported(key)
-                    await self._save()
+                    await self._saved("an exhaustion's report")
 
     async def _report(self, key: str) -> bool:
         """Ask the leading supervisor to stop the subtree; True once acknowledged."""
@@ -444,6 +448,17 @@ class BudgetService:
 
     async def _save(self) -> None:
         await self.store.save(self.ledger.record)
+
+    async def _saved(self, what: str) -> bool:
+        """`_save` for a background loop: a failed write (NATS unavailable for now) leaves
+        the change in memory for the next write, instead of ending the service."""
+        try:
+            await self._save()
+        except Exception as exc:
+            self.last_error = f"{what} not persisted: {exc!r}"
+            log.warning(f"{what} not persisted; retrying", extra={"error": repr(exc)})
+            return False
+        return True
 
     def _chain(self, agent: str) -> tuple[Account, ...]:
         return self.deployment.budget_chain(agent)

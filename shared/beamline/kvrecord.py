@@ -7,6 +7,10 @@ writing the same key would make both wrong; the revision check makes the loser s
 (`RecordConflict`, the service exits 70) instead of overwriting. An unreadable value stops
 the service at start (ConfigError naming the key) rather than starting from nothing.
 
+A write that failed without an answer (NATS went away mid-write) may still have landed:
+the next write then finds the revision moved. If the value there is one this service
+wrote and was not told about, that is no second writer: it goes on from that revision.
+
 Saves are group-committed: a save that arrives while a write is in flight shares the next
 write with every other save that arrived meanwhile. That write takes the record as it is
 when it begins, so each caller's change is in the write it waits for, and a burst of
@@ -29,6 +33,8 @@ from beamline.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 log = logging.getLogger("beamline.kvrecord")
+
+MAX_UNANSWERED = 8  # failed writes remembered, for when one of them had landed after all
 
 
 class RecordConflict(RuntimeError):
@@ -57,6 +63,7 @@ class KVRecord(Generic[M]):
         self.revision = 0  # 0: the key does not exist yet
         self.writes = 0
         self._record: M | None = None  # what the next write takes
+        self._unanswered: list[bytes] = []  # written since the last answered write, no answer
         self._next: asyncio.Future[None] | None = None  # the saves the next write serves
         self._writer: asyncio.Task[None] | None = None
 
@@ -119,13 +126,39 @@ class KVRecord(Generic[M]):
     async def _write(self, record: M) -> None:
         data = record.model_dump_json(exclude=set(self.exclude) or None).encode()
         try:
-            if self.revision == 0:
-                self.revision = await self.kv.create(self.key, data)
-            else:
-                self.revision = await self.kv.update(self.key, data, last=self.revision)
+            try:
+                self.revision = await self._put(data)
+            except KeyWrongLastSequenceError:
+                if not await self._landed_unanswered():
+                    raise
+                self.revision = await self._put(data)
         except KeyWrongLastSequenceError as exc:
             raise RecordConflict(
                 f"{self.what} changed under this service (revision {self.revision}): is a "
                 f"second {self.service} service running? Run exactly one"
             ) from exc
+        except Exception:
+            self._unanswered = [*self._unanswered[-(MAX_UNANSWERED - 1) :], data]
+            raise
+        self._unanswered = []
         self.writes += 1
+
+    async def _put(self, data: bytes) -> int:
+        if self.revision == 0:
+            return await self.kv.create(self.key, data)
+        return await self.kv.update(self.key, data, last=self.revision)
+
+    async def _landed_unanswered(self) -> bool:
+        """Whether the key holds a write of this service's that failed unanswered; if so,
+        its revision is the one to go on from."""
+        if not self._unanswered:
+            return False
+        entry = await self.kv.get(self.key)
+        if entry.value not in self._unanswered:
+            return False
+        log.warning(
+            f"{self.what}: a write thought failed had landed; going on from it",
+            extra={"bucket": self.bucket, "key": self.key, "revision": entry.revision},
+        )
+        self.revision = entry.revision or 0
+        return True

@@ -6,17 +6,20 @@ persisted on its timer and at stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from beamline import bus, config, subjects
 from beamline.envelope import Envelope, EventPayload, Kind
-from beamline.testing import wait_for
+from beamline.testing import NatsServer, wait_for
+from services.budget import service as budget_service
 from services.budget.ledger import Ledger
 from services.budget.service import GATEWAY_EVENTS, BudgetService
 from services.budget.settings import BudgetSettings
@@ -241,3 +244,60 @@ async def test_budget_show_lists_the_pool_members_that_spent_or_hold(
 
 async def _settled(service: BudgetService, key: str, tokens: int) -> bool:
     return service.ledger.spent(key).tokens == tokens
+
+
+async def test_nats_down_while_a_hold_expires_ends_nothing_and_the_expiry_is_written_after(
+    nc: NATS, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended: list[str] = []  # a loop that dies takes the process down (exit 70): seen here
+
+    def crashed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            ended.append(f"{task.get_name()}: {task.exception()!r}")
+
+    monkeypatch.setattr(budget_service, "crash_on_error", crashed)
+    settings = BudgetSettings(reservation_ttl_s=0.5, sweep_s=0.1, settle_linger_s=0)
+    # writes give up after 1 s (5 by default): NATS stays down longer than that
+    store = LedgerStore(await nc.jetstream(timeout=1.0).key_value(subjects.BUCKET_BUDGET))
+    service = BudgetService(settings, config.load(TREE), nc, store, Ledger(await store.load()))
+    await service.start()
+    try:
+        assert (await reserve(nc, "unsettled"))["ok"]
+        await asyncio.to_thread(nats_server.stop)
+        # expired meanwhile: charged in memory, its write fails
+        await wait_for(lambda: "expired reservations not persisted" in str(service.last_error),
+                       timeout=10, what="a failed write")  # fmt: skip
+        await asyncio.to_thread(nats_server.start)
+        await wait_for(lambda: nc.is_connected, timeout=15, what="the client reconnected")
+        kv = await nc.jetstream().key_value(subjects.BUCKET_BUDGET)
+
+        async def written() -> bool:
+            ledger = json.loads((await kv.get(KEY)).value or b"{}")
+            return "unsettled" in ledger["late"] and ledger["spent"]["agent:free"]["tokens"] == 15
+
+        await wait_for(written, timeout=20, what=f"the expiry persisted; {service.status()}")
+        expired = await _events(nc, "reservation_expired")
+        assert [e["request_id"] for e in expired] == ["unsettled"]
+        assert ended == [] and service.counts["expired"] == 1
+    finally:
+        await service.stop()
+
+
+async def _events(nc: NATS, name: str) -> list[dict[str, object]]:
+    """Every `name` event the budget service published (read after it was)."""
+
+    async def found() -> list[dict[str, object]]:
+        sub = await nc.jetstream().subscribe(
+            subjects.event("budget", name), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            msgs = []
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                while True:
+                    msgs.append(json.loads((await sub.next_msg(timeout=0.5)).data))
+        finally:
+            await sub.unsubscribe()
+        return [m["payload"]["data"] for m in msgs]
+
+    events: list[dict[str, object]] = await wait_for(found, timeout=10, what=f"{name} events")
+    return events

@@ -1,6 +1,6 @@
 """`KVRecord` on a real nats-server's KV: saves are group-committed (a burst costs one write,
-and each caller's change is in the write it waits for), and a conflicting writer fails every
-caller waiting on that write."""
+and each caller's change is in the write it waits for), a conflicting writer fails every
+caller waiting on that write, and a write of its own that landed unanswered is no conflict."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from beamline import subjects
 from beamline.kvrecord import KVRecord, RecordConflict
-from beamline.testing import NatsServer
+from beamline.testing import NatsServer, wait_for
 
 ROOT = Path(__file__).parents[2]
 
@@ -130,3 +131,37 @@ async def test_a_service_whose_record_another_instance_wrote_exits_70(
     assert "a tally written by another instance; exiting" in run.stderr
     assert "went on" not in run.stdout
     assert await stored(await bucket(nc)) == [99]
+
+
+async def test_a_write_that_landed_unanswered_is_gone_on_from_and_a_stranger_still_conflicts(
+    nc: NATS, nats_server: NatsServer
+) -> None:
+    kv = await nc.jetstream(timeout=1.0).key_value(subjects.BUCKET_BUDGET)
+    store, tally = record(kv), Tally(seen=[1])
+    await store.save(tally)
+
+    # NATS goes away mid-write: no answer within the timeout, but the write is sent once
+    # the client is back, and lands
+    await asyncio.to_thread(nats_server.stop)
+    tally.seen.append(2)
+    with pytest.raises(Exception) as lost:
+        await store.save(tally)
+    assert not isinstance(lost.value, RecordConflict)
+    await asyncio.to_thread(nats_server.start)
+    await wait_for(lambda: nc.is_connected, timeout=15, what="the client reconnected")
+    await wait_for(lambda: _is(stored(kv), [1, 2]), timeout=10, what="the lost write landed")
+
+    # the next save finds the revision moved by its own write: no second writer
+    tally.seen.append(3)
+    await store.save(tally)
+    assert await stored(kv) == [1, 2, 3]
+
+    # a write that is not its own still stops it
+    entry = await kv.get("tally")
+    await kv.update("tally", b'{"seen": [99]}', last=entry.revision)
+    with pytest.raises(RecordConflict, match="second test service"):
+        await store.save(tally)
+
+
+async def _is(value: Awaitable[list[int]], expected: list[int]) -> bool:
+    return await value == expected
