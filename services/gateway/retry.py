@@ -33,7 +33,7 @@ CONNECTION = Verdict(Reason.PROVIDER_UNAVAILABLE, retry=True, breaker_failure=Tr
 BAD_RESPONSE = Verdict(Reason.PROVIDER_BAD_RESPONSE, retry=False, breaker_failure=True)
 RATE_LIMITED = Verdict(Reason.RATE_LIMITED, retry=True, breaker_failure=False)
 SERVER_ERROR = Verdict(Reason.PROVIDER_ERROR, retry=True, breaker_failure=True)
-REJECTED = Verdict(Reason.PROVIDER_ERROR, retry=False, breaker_failure=False)
+REJECTED = Verdict(Reason.PROVIDER_REJECTED, retry=False, breaker_failure=False)
 
 
 def classify_status(status: int) -> Verdict | None:

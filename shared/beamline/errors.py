@@ -33,6 +33,8 @@ class Reason(StrEnum):
     # the world's fault
     PROVIDER_TIMEOUT = "provider_timeout"
     PROVIDER_ERROR = "provider_error"
+    # the provider refused the request (a 4xx but 408 and 429): sent again, it fails again
+    PROVIDER_REJECTED = "provider_rejected"
     PROVIDER_BAD_RESPONSE = "provider_bad_response"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     CIRCUIT_OPEN = "circuit_open"  # the provider's breaker is open: no call was made (or the

@@ -347,6 +347,30 @@ async def test_a_hanging_provider_times_out_opens_the_breaker_and_the_event_is_r
     assert json.loads(rows[0][1])["data"]["provider"] == "slow"
 
 
+REFUSE_SCRIPT = (
+    "rules:\n  - {name: refuse, match: {}, fault: {status: 400, message: 'unknown model m'}}\n"
+    "default: {text: unused}\n"
+)
+
+
+async def test_a_provider_that_refuses_the_request_fails_the_task_at_once_without_retries(
+    start_mesh: MeshFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "refuse.yaml").write_text(HANG_CONFIG)
+    (tmp_path / "refuse-script.yaml").write_text(REFUSE_SCRIPT)
+    mesh = await start_mesh(
+        config=tmp_path / "refuse.yaml",
+        script=tmp_path / "refuse-script.yaml",
+        env={"BEAMLINE_AGENT_TRANSIENT_RETRIES": "3"},
+    )
+    conversation = await client.submit(mesh.nc, subjects.task("wait"), "question")
+    reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+    assert getattr(reply.payload, "reason", None) == "provider_rejected"
+    assert "unknown model m" in getattr(reply.payload, "message", "")
+    # the same request would be refused again: neither the gateway nor the agent retried
+    assert [c["status"] for c in await mesh.fakellm_calls()] == [400]
+
+
 async def test_the_demo_that_make_run_starts_answers_every_task_and_prints_a_trace(
     tmp_path: Path,
 ) -> None:

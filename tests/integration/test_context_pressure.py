@@ -220,9 +220,9 @@ async def test_a_failed_summarisation_resets_the_window_and_the_supervisor_resta
 
         calls = await calls_after(mesh, before)
         statuses = [(is_summary(c), c["status"]) for c in calls]
-        # pages 1-3; the summarisation is refused twice (a try and its retry); the fresh
-        # window: the answer, with page 4
-        assert statuses == [(False, 200)] * 4 + [(True, 400)] * 2 + [(False, 200)]
+        # pages 1-3; the summarisation is refused (a 400: not retried, it would be refused
+        # again); the fresh window: the answer, with page 4
+        assert statuses == [(False, 200)] * 4 + [(True, 400)] + [(False, 200)]
         [reset] = await agent_events(mesh, "context_window_reset", agent, 1)
         assert reset["conversation"] == conversation and reset["seed"] == "turns"
         assert reset["restart"] is (agent == "restarter")

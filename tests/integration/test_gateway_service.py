@@ -293,6 +293,23 @@ async def test_repeated_server_errors_end_as_provider_error_after_max_attempts(
     assert failed.payload.data["attempts"] == 3
 
 
+async def test_a_refused_request_is_provider_rejected_at_once_and_the_breaker_stays_closed(
+    mesh: Mesh,
+) -> None:
+    rule = {
+        "name": "refuse",
+        "match": {"model": "m-400"},
+        "fault": {"status": 400, "message": "max_tokens is too large for this model"},
+    }
+    await mesh.start([rule], {"fake": {"max_attempts": 3, "breaker_fail_max": 1}})
+    for _ in range(2):  # twice: with breaker_fail_max 1, a counted failure would open it
+        error = error_of(await mesh.ask(llm_request("fake", "hi", model="m-400")))
+        assert error.reason == "provider_rejected"
+        assert "HTTP 400" in error.message and "max_tokens is too large" in error.message
+    assert len(await mesh.calls("m-400")) == 2  # one call each: not retried
+    assert (await mesh.health())["providers"]["fake"]["breaker"] == "closed"
+
+
 async def test_a_hanging_provider_times_out_opens_the_breaker_and_is_then_not_called(
     mesh: Mesh,
 ) -> None:

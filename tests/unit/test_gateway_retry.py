@@ -95,7 +95,8 @@ def test_other_client_errors_are_final_and_not_the_providers_fault(status: int) 
     verdict = retry.classify_status(status)
     assert verdict is not None
     assert not verdict.retry and not verdict.breaker_failure
-    assert verdict.reason is Reason.PROVIDER_ERROR
+    # a reason of its own: agents retry provider_error, and a refusal would only recur
+    assert verdict.reason is Reason.PROVIDER_REJECTED
 
 
 def test_timeouts_and_bad_bodies_count_against_the_breaker() -> None:
