@@ -125,6 +125,8 @@ class BudgetService:
         # is missed; a first start counts from now on, not a week of history
         applied = self.ledger.record.applied_seq
         await self.outcomes.open(applied or None)
+        if self.outcomes.seq < applied:  # BL_EVENTS was made again: its sequence restarted
+            self.ledger.record.applied_seq = self.outcomes.seq
         self._subs.append(
             await self.nc.subscribe(
                 subjects.BUDGET_ALL, queue=subjects.QUEUE_BUDGET, cb=self.on_request

@@ -74,14 +74,22 @@ class Feed:
         on from where a consumer of that name stands (an older, acknowledged one: its ack
         floor), else from the stream's end, not from a week of history. Before the service
         says it is up: a message published after that is never missed."""
+        end = (await self.js.stream_info(self.stream)).state.last_seq
         if position is None:
             info = await self._info()
             if info is None:
-                position = (await self.js.stream_info(self.stream)).state.last_seq
+                position = end
             elif info.config.ack_policy == AckPolicy.NONE:
                 position = _seqs(info.delivered).stream_seq
             else:
                 position = _seqs(info.ack_floor).stream_seq
+        if position > end:  # else nothing is read until the stream gets back there
+            log.warning(
+                f"{self.consumer}: position past the end of {self.stream} (was it made "
+                "again?); reading on from its end",
+                extra={"position": position, "end": end},
+            )
+            position = end
         self.seq = position
         self._sub = await self._resume()
 

@@ -197,6 +197,24 @@ async def test_calls_completed_while_it_was_down_are_settled_once_after_a_restar
         await again.stop()
 
 
+async def test_a_ledger_ahead_of_a_remade_event_stream_still_settles_new_calls(
+    nc: NATS,
+) -> None:
+    # BL_EVENTS deleted and made again: its sequence starts afresh under the ledger's
+    store = LedgerStore(await nc.jetstream().key_value(subjects.BUCKET_BUDGET))
+    record = await store.load()
+    record.applied_seq = 10_000
+    await store.save(record)
+    service = await start_budget(nc)
+    try:
+        assert service.ledger.record.applied_seq < 10_000
+        assert (await reserve(nc, "fresh"))["ok"]
+        await completed(nc, "fresh", "free", "conv-fresh")
+        await wait_for(lambda: _settled(service, "agent:free", 10), timeout=10, what="settled")
+    finally:
+        await service.stop()
+
+
 async def test_with_its_bucket_gone_a_raise_or_a_grant_is_refused_and_undone(
     nc: NATS, service: BudgetService
 ) -> None:

@@ -133,6 +133,14 @@ async def test_a_first_start_reads_from_now_and_a_restart_reads_again_after_its_
     third = await start(readers, Reader(nc), None)
     assert third.feed.seq == more[-1]
 
+    # a position past the stream's end (the stream made again): on from the end, not
+    # waiting for the sequence to get back there
+    await third.crash()
+    fourth = await start(readers, Reader(nc), more[-1] + 1000)
+    assert fourth.feed.seq == more[-1]
+    last = await write(nc, 1)
+    await fourth.until(last)
+
 
 async def test_deliveries_lost_on_the_way_are_read_again(nc: NATS, readers: list[Reader]) -> None:
     reader = await start(readers, Reader(nc), None)
