@@ -56,6 +56,11 @@ class AgentLadder(BaseModel):
         skips = (*self.skips, (start, max(start, end)))
         return self.model_copy(update={"skips": skips[-MAX_SKIPS:]})
 
+    def renumbered(self) -> AgentLadder:
+        """For a journal made again, whose sequence restarted: where the agent stands on its
+        ladder stays, the sequences of the old journal go."""
+        return self.model_copy(update={"last_loop_seq": 0, "last_loop": None, "skips": ()})
+
     def carried_out(self, seq: int) -> bool:
         """Whether the loop completed by entry `seq` was acted on and fenced off."""
         return any(start == seq for start, _ in self.skips)

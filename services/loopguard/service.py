@@ -114,7 +114,11 @@ class LoopguardService:
 
     async def start(self) -> None:
         self.events.start()
-        await self.feed.open(await self.positions.position())
+        kept = await self.positions.position()
+        await self.feed.open(kept)
+        if kept is not None and self.feed.seq < kept:  # BL_JOURNAL made again: sequence reset
+            self.state.agents = {a: ladder.renumbered() for a, ladder in self.state.agents.items()}
+            await self._save()
         await self.positions.keep(self.feed.seq)  # a first start's, at once
         self._subs.append(
             await self.nc.subscribe(

@@ -18,7 +18,7 @@ from beamline.envelope import Envelope, Kind, TaskPayload, ToolResultPayload
 from beamline.errors import ConfigError
 from beamline.guard import GuardCommand, GuardReply
 from beamline.testing import wait_for
-from services.loopguard.ladder import GuardState
+from services.loopguard.ladder import AgentLadder, GuardState
 from services.loopguard.service import LoopguardService
 from services.loopguard.settings import LoopguardSettings
 from services.loopguard.store import GuardStore, JournalPosition, PositionStore
@@ -129,3 +129,21 @@ async def test_an_unreadable_journal_position_stops_the_start_naming_the_key(nc:
     await kv.put("position", b'{"seq": -4}')
     with pytest.raises(ConfigError, match="BL_LOOPGUARD/position"):
         await start_guard(nc)
+
+
+async def test_a_journal_made_again_under_the_guard_still_has_its_loops_seen(
+    nc: NATS, commands: list[GuardCommand]
+) -> None:
+    # the guard's state and position refer to an older BL_JOURNAL, far past the new one's end
+    kv = await nc.jetstream().key_value(subjects.BUCKET_LOOPGUARD)
+    state = GuardState(agents={"stubborn": AgentLadder(last_loop_seq=9_000).fenced(9_000, 9_500)})
+    await GuardStore(kv).save(state)
+    await PositionStore(kv).save(JournalPosition(seq=10_000))
+    guard = await start_guard(nc)
+    try:
+        assert guard.feed.seq < 9_000
+        looped = await loop(nc, "c1")
+        await fenced(guard, looped[-1])
+        assert [c.action.value for c in commands] == ["restart"]
+    finally:
+        await guard.stop()
