@@ -53,9 +53,9 @@ def test_a_response_answers_the_request_in_its_trace() -> None:
 
 
 def test_an_error_reply_carries_the_reason_header() -> None:
-    env = replies.error(request(), Reason.PROVIDER_ERROR, "HTTP 400: nope")
+    env = replies.error(request(), Reason.PROVIDER_REJECTED, "HTTP 400: nope")
     headers = bus.headers_for(env)
-    assert headers["Bl-Reason"] == "provider_error"
+    assert headers["Bl-Reason"] == "provider_rejected"
     assert isinstance(env.payload, ErrorPayload) and env.payload.message == "HTTP 400: nope"
 
 

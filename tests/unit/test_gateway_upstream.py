@@ -113,7 +113,7 @@ async def test_a_400_is_final_and_carries_the_providers_message_without_the_key(
     handler, seen = scripted(httpx.Response(401, json=body))
     up, _ = upstream(handler, breaker_fail_max=1)
     result = await up.complete(REQUEST, None, later())
-    assert result.reason is Reason.PROVIDER_ERROR and len(seen) == 1
+    assert result.reason is Reason.PROVIDER_REJECTED and len(seen) == 1
     assert "Incorrect API key provided" in (result.error or "")
     assert KEY not in (result.error or "")
     assert up.breaker.state == "closed"
@@ -180,6 +180,6 @@ async def test_a_missing_api_key_calls_without_auth_and_names_the_variable_on_40
     up, _ = upstream(handler)
     up._api_key = None
     result = await up.complete(REQUEST, None, later())
-    assert result.reason is Reason.PROVIDER_ERROR and "FAKE_KEY is not set" in (result.error or "")
+    assert result.reason is Reason.PROVIDER_REJECTED and "FAKE_KEY is not set" in (result.error or "")
     assert "authorization" not in seen[0].headers
     await up.aclose()
