@@ -17,7 +17,7 @@ from beamline import bus, client, query, reads, subjects
 from beamline.envelope import Envelope
 from beamline.testing import free_port, wait_for
 
-from .conftest import API_KEY, ROOT, MeshFactory, needs_local_nats
+from .conftest import API_KEY, ROOT, MeshFactory, MeshHandle, needs_local_nats
 
 PROBE_TOOLS = '''
 import os
@@ -310,18 +310,30 @@ agents:
 HANG_SCRIPT = "rules:\n  - {name: hang, match: {}, fault: {hang: true}}\ndefault: {text: unused}\n"
 
 
+async def one_provider_mesh(
+    start_mesh: MeshFactory, tmp_path: Path, script: str, transient_retries: int
+) -> MeshHandle:
+    """Agent `waiter` (role `wait`) on provider `slow`, which fakellm answers by `script`."""
+    (tmp_path / "one.yaml").write_text(HANG_CONFIG)
+    (tmp_path / "one-script.yaml").write_text(script)
+    mesh: MeshHandle = await start_mesh(
+        config=tmp_path / "one.yaml",
+        script=tmp_path / "one-script.yaml",
+        env={"BEAMLINE_AGENT_TRANSIENT_RETRIES": str(transient_retries)},
+    )
+    return mesh
+
+
+async def waiter_reply(mesh: MeshHandle, prompt: str) -> Envelope:
+    conversation = await client.submit(mesh.nc, subjects.task("wait"), prompt)
+    return await client.await_reply(mesh.nc, conversation, timeout=30)
+
+
 async def test_a_hanging_provider_times_out_opens_the_breaker_and_the_event_is_recorded(
     start_mesh: MeshFactory, tmp_path: Path
 ) -> None:
-    (tmp_path / "hang.yaml").write_text(HANG_CONFIG)
-    (tmp_path / "hang-script.yaml").write_text(HANG_SCRIPT)
-    mesh = await start_mesh(
-        config=tmp_path / "hang.yaml",
-        script=tmp_path / "hang-script.yaml",
-        env={"BEAMLINE_AGENT_TRANSIENT_RETRIES": "0"},
-    )
-    first = await client.submit(mesh.nc, subjects.task("wait"), "question 0")
-    reply = await client.await_reply(mesh.nc, first, timeout=30)
+    mesh = await one_provider_mesh(start_mesh, tmp_path, HANG_SCRIPT, transient_retries=0)
+    reply = await waiter_reply(mesh, "question 0")
     assert getattr(reply.payload, "reason", None) == "provider_timeout"
     # the second timeout trips the breaker: the agent, with no other provider, pauses with
     # the task in hand instead of failing it, and the provider is not called again
@@ -356,15 +368,8 @@ REFUSE_SCRIPT = (
 async def test_a_provider_that_refuses_the_request_fails_the_task_at_once_without_retries(
     start_mesh: MeshFactory, tmp_path: Path
 ) -> None:
-    (tmp_path / "refuse.yaml").write_text(HANG_CONFIG)
-    (tmp_path / "refuse-script.yaml").write_text(REFUSE_SCRIPT)
-    mesh = await start_mesh(
-        config=tmp_path / "refuse.yaml",
-        script=tmp_path / "refuse-script.yaml",
-        env={"BEAMLINE_AGENT_TRANSIENT_RETRIES": "3"},
-    )
-    conversation = await client.submit(mesh.nc, subjects.task("wait"), "question")
-    reply = await client.await_reply(mesh.nc, conversation, timeout=30)
+    mesh = await one_provider_mesh(start_mesh, tmp_path, REFUSE_SCRIPT, transient_retries=3)
+    reply = await waiter_reply(mesh, "question")
     assert getattr(reply.payload, "reason", None) == "provider_rejected"
     assert "unknown model m" in getattr(reply.payload, "message", "")
     # the same request would be refused again: neither the gateway nor the agent retried

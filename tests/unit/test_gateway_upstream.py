@@ -180,6 +180,7 @@ async def test_a_missing_api_key_calls_without_auth_and_names_the_variable_on_40
     up, _ = upstream(handler)
     up._api_key = None
     result = await up.complete(REQUEST, None, later())
-    assert result.reason is Reason.PROVIDER_REJECTED and "FAKE_KEY is not set" in (result.error or "")
+    assert result.reason is Reason.PROVIDER_REJECTED
+    assert "FAKE_KEY is not set" in (result.error or "")
     assert "authorization" not in seen[0].headers
     await up.aclose()
