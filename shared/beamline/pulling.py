@@ -1,5 +1,5 @@
-"""Consuming a durable pull subscription for as long as a service runs: the fetch loop the
-budget service and the loop guard share."""
+"""Consuming a durable pull subscription for as long as a service runs: the fetch loop of
+`beamline.feed` (the budget service's call events, the loop guard's journal)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ async def pull_forever(
 ) -> None:
     """Fetch up to `batch` messages at a time and `handle` each batch, until cancelled. A
     failed fetch is told to `failed` (the service's last error), logged and retried; what
-    `handle` raises ends the loop. After a batch that was not full, wait `linger_s` for more
+    `handle` (or `failed`) raises ends the loop. After a batch that was not full, wait `linger_s` for more
     to gather: a fetch returns as soon as one message is there, and under a steady trickle
     every batch would be one message, each costing a fetch, a write and a wake-up. The
     subscription is closed on the way out: one left open with a fetch outstanding holds the
