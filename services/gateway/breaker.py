@@ -123,6 +123,30 @@ class ProviderBreaker:
             return 0.0
         return max(0.0, self.opened_at + self.reset_s - self._clock())
 
+    def refusal(self) -> str | None:
+        """Why a call now would be refused without being made, or None when it would go
+        ahead: the gateway asks before anything else is spent on the call (a budget
+        reservation), so an open breaker answers `circuit_open` whatever else is down."""
+        if self._cb.current_state == pybreaker.STATE_CLOSED:
+            return None
+        if self.circuit is Circuit.OPEN:
+            due = trial_due(self.circuit, self.opened_at, self.reset_s, self._clock())
+            return None if due else self._open_message()
+        return self._trial_message() if self._trial_running else None
+
+    def _open_message(self) -> str:
+        return (
+            f"circuit for provider {self.provider!r} is open"
+            + (f" after: {self.last_error}" if self.last_error else "")
+            + f"; one trial call is let through in {self._trial_in():.1f}s"
+        )
+
+    def _trial_message(self) -> str:
+        return (
+            f"circuit for provider {self.provider!r} is half-open, trial running: "
+            "its outcome closes or re-opens it; use another provider meanwhile"
+        )
+
     def half_open_if_due(self) -> bool:
         """Half-open the breaker if it has been open for its reset timeout (see the module
         docstring: with agents failing over, no call would do it)."""
@@ -158,10 +182,7 @@ class ProviderBreaker:
         """
         trial = self._cb.current_state != pybreaker.STATE_CLOSED
         if trial and self._trial_running:
-            raise BreakerOpen(
-                f"circuit for provider {self.provider!r} is half-open, trial running: "
-                "its outcome closes or re-opens it; use another provider meanwhile"
-            )
+            raise BreakerOpen(self._trial_message())
         entered = False
         try:
             if trial:
@@ -172,11 +193,7 @@ class ProviderBreaker:
         except pybreaker.CircuitBreakerError as err:
             if entered and isinstance(err.__context__, ProviderFailure):
                 raise err.__context__ from None
-            raise BreakerOpen(
-                f"circuit for provider {self.provider!r} is open"
-                + (f" after: {self.last_error}" if self.last_error else "")
-                + f"; one trial call is let through in {self._trial_in():.1f}s"
-            ) from None
+            raise BreakerOpen(self._open_message()) from None
         finally:
             if trial:
                 self._trial_running = False

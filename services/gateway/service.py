@@ -274,10 +274,14 @@ class Gateway:
             )
             self.last_error = why
             return Reply.of(replies.error(request, Reason.GATEWAY_UNAVAILABLE, why))
-        refusal = await self._budget.reserve(request, payload)
-        if refusal is not None:  # over budget, or the budget unknown: no provider call
-            return refusal
-        result = await upstream.complete(payload, traceparent, deadline)
+        # an open breaker first: its refusal costs no reservation, and tells a paused agent
+        # circuit_open (keep waiting) even when the budget service is down too
+        result = upstream.refusal()
+        if result is None:
+            refusal = await self._budget.reserve(request, payload)
+            if refusal is not None:  # over budget, or the budget unknown: no provider call
+                return refusal
+            result = await upstream.complete(payload, traceparent, deadline)
         self._call_event(request, payload, result)
         if result.completion is None:
             reason = result.reason or Reason.PROVIDER_ERROR

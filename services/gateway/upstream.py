@@ -234,6 +234,11 @@ class Upstream:
         self.counters.http_attempts += attempts
         return CallResult(completion, None, None, attempts, _ms_since(started), 200)
 
+    def refusal(self) -> CallResult | None:
+        """The `circuit_open` result a call would get now without being made, or None."""
+        why = self.breaker.refusal()
+        return None if why is None else self._refused(why, time.monotonic())
+
     def _failed(self, last: ProviderFailure | None, attempts: int, started: float) -> CallResult:
         self.counters.failed += 1
         self.counters.http_attempts += attempts

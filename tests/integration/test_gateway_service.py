@@ -71,6 +71,7 @@ class Mesh:
         self,
         rules: list[dict[str, Any]] | None = None,
         providers: dict[str, dict[str, Any]] | None = None,
+        agents: list[dict[str, Any]] | None = None,
         **env: Any,
     ) -> None:
         port = free_port()
@@ -85,7 +86,8 @@ class Mesh:
         logs = self.tmp_path / "logs"
         self.processes.append(start_service("fakellm", fake_env, logs))
         deploy = self.tmp_path / "deploy.yaml"
-        deploy.write_text(yaml.safe_dump({"version": 1, "providers": self._providers(providers)}))
+        declared = {"version": 1, "providers": self._providers(providers), "agents": agents or []}
+        deploy.write_text(yaml.safe_dump(declared))
         gw_env = mesh_env(
             self.nats.url,
             self.tmp_path / "data",
@@ -388,6 +390,28 @@ async def test_an_open_breaker_half_opens_on_its_own_and_a_good_trial_closes_it(
         if isinstance(e.payload, EventPayload) and e.payload.name.startswith("breaker_")
     ]
     assert names == ["open", "half-open", "closed"]
+
+
+async def test_an_open_breaker_answers_before_any_budget_reservation(mesh: Mesh) -> None:
+    """A paused agent's probe learns `circuit_open` (keep waiting, no retry spent) even when
+    the budget service is down too; and no reservation is held for a call never made."""
+    rule = {"name": "down", "match": {"model": "m-down"}, "fault": {"status": 503}}
+    config = {"max_attempts": 1, "breaker_fail_max": 1, "breaker_reset_s": 60}
+    spender = {
+        "name": "spender",
+        "role": "spend",
+        "models": [{"provider": "fake", "model": "m-down", "context_window": 128000}],
+        "budget": {"tokens": 100000},
+    }
+    await mesh.start([rule], {"fake": config}, agents=[spender])
+    tripped = error_of(await mesh.ask(llm_request("fake", "hi", model="m-down")))
+    assert tripped.reason == "circuit_open"  # agent-7 has no budget: no reservation needed
+
+    # spender's calls are budgeted, and no budget service runs
+    probe = llm_request("fake", "hi again", model="m-down").model_copy(update={"sender": "spender"})
+    refused = error_of(await mesh.ask(probe))
+    assert refused.reason == "circuit_open" and "is open" in refused.message
+    assert len(await mesh.calls("m-down")) == 1
 
 
 async def test_a_429_retry_after_throttles_the_provider_for_every_request_not_the_breaker(

@@ -115,3 +115,20 @@ def test_trial_due_is_pure() -> None:
     assert not trial_due(Circuit.OPEN, 10.0, 5.0, 14.9)
     assert not trial_due(Circuit.CLOSED, 10.0, 5.0, 99.0)
     assert not trial_due(Circuit.OPEN, None, 5.0, 99.0)
+
+
+def test_refusal_says_beforehand_what_guard_would_refuse() -> None:
+    now = [1000.0]
+    breaker = ProviderBreaker(
+        "p", fail_max=1, reset_s=60, on_event=Recorder(), clock=lambda: now[0]
+    )
+    assert breaker.refusal() is None  # closed
+    fail(breaker, "read timeout")
+    why = breaker.refusal()
+    assert why is not None and "is open after: read timeout" in why and "in 60.0s" in why
+    now[0] += 61  # its trial is due: the call goes ahead, and half-opens it
+    assert breaker.refusal() is None
+    breaker.half_open_if_due()
+    with breaker.guard():  # the trial, running
+        assert breaker.refusal() is not None and "trial running" in (breaker.refusal() or "")
+    assert breaker.refusal() is None  # the trial succeeded: closed
