@@ -10,29 +10,23 @@ from __future__ import annotations
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from pydantic import BaseModel
 
 from beamline import operator, ops, subjects
 from beamline.budget import AccountKind, Budget, BudgetReply, RaiseRequest, ShowRequest
 from beamline.errors import BeamlineError, Reason
 
-
-async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 10) -> dict[str, Any]:
-    """The budget service's result, or a clear error naming what failed."""
-    result: dict[str, Any] = await operator.ask(
-        nc,
-        subject,
-        body.model_dump_json().encode(),
-        BudgetReply,
-        ("budget service", "is services/budget running?"),
-        Reason.BUDGET_UNAVAILABLE,
-        timeout,
-    )
-    return result
+BUDGET = operator.Service(
+    "budget service",
+    "is services/budget running?",
+    BudgetReply,
+    Reason.BUDGET_UNAVAILABLE,
+    timeout=10,
+)
 
 
 async def show(nc: NATS, name: str | None = None) -> dict[str, Any]:
-    return await request(nc, subjects.BUDGET_SHOW, ShowRequest(name=name))
+    result: dict[str, Any] = await BUDGET.ask(nc, subjects.BUDGET_SHOW, ShowRequest(name=name))
+    return result
 
 
 async def raise_budget(
@@ -45,7 +39,7 @@ async def raise_budget(
 ) -> dict[str, Any]:
     """Raise the limits; restart the subtree if it had been stopped for its budget."""
     body = RaiseRequest(kind=kind, name=name, budget=budget, requested_by=requested_by)
-    result = await request(nc, subjects.BUDGET_RAISE, body)
+    result: dict[str, Any] = await BUDGET.ask(nc, subjects.BUDGET_RAISE, body)
     if restart and result.get("was_exhausted"):
         try:
             await ops.admin(nc, "restart", name)

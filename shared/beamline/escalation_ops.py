@@ -7,32 +7,27 @@ import time
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from pydantic import BaseModel
 
 from beamline import operator, subjects
 from beamline.errors import Reason
 from beamline.guard import AnswerRequest, ListRequest, LoopguardReply, OnTimeout
 
-
-async def request(nc: NATS, subject: str, body: BaseModel, timeout: float = 30) -> dict[str, Any]:
-    """The loop guard's result, or a clear error naming what failed."""
-    result: dict[str, Any] = await operator.ask(
-        nc,
-        subject,
-        body.model_dump_json().encode(),
-        LoopguardReply,
-        ("loop guard", "is services/loopguard running?"),
-        Reason.NATS_UNAVAILABLE,
-        timeout,
-    )
-    return result
+LOOP_GUARD = operator.Service(
+    "loop guard",
+    "is services/loopguard running?",
+    LoopguardReply,
+    Reason.NATS_UNAVAILABLE,
+    timeout=30,
+)
 
 
 async def list_escalations(
     nc: NATS, agent: str | None = None, include_closed: bool = False
 ) -> list[dict[str, Any]]:
     body = ListRequest(agent=agent, include_closed=include_closed)
-    found: list[dict[str, Any]] = (await request(nc, subjects.LOOPGUARD_LIST, body))["escalations"]
+    found: list[dict[str, Any]] = (await LOOP_GUARD.ask(nc, subjects.LOOPGUARD_LIST, body))[
+        "escalations"
+    ]
     return found
 
 
@@ -40,7 +35,8 @@ async def answer(
     nc: NATS, escalation: str, action: OnTimeout, say: str | None = None, by: str = "cli"
 ) -> dict[str, Any]:
     body = AnswerRequest(id=escalation, action=action, say=say, answered_by=by)
-    return await request(nc, subjects.LOOPGUARD_ANSWER, body)
+    result: dict[str, Any] = await LOOP_GUARD.ask(nc, subjects.LOOPGUARD_ANSWER, body)
+    return result
 
 
 def render(escalations: list[dict[str, Any]], now: float | None = None) -> str:

@@ -5,10 +5,12 @@ table they print."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from pydantic import BaseModel
 
 from beamline.budget import BudgetReply
 from beamline.control import AdminReply
@@ -18,27 +20,36 @@ from beamline.guard import LoopguardReply
 Reply = BudgetReply | LoopguardReply | AdminReply
 
 
-async def ask(
-    nc: NATS,
-    subject: str,
-    body: bytes,
-    reply: type[Reply],
-    nobody: tuple[str, str],
-    reason: Reason,
-    timeout: float,
-) -> Any:
-    """The reply's result. A refusal raises CallerError with the service's reason; nobody
-    answering raises TransientError(`reason`) naming who should have and what to check:
-    `nobody` = ("budget service", "is services/budget running?")."""
-    try:
-        msg = await nc.request(subject, body, timeout=timeout)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-        who, check = nobody
-        raise TransientError(f"no {who} answered {subject}: {check}", reason) from exc
-    answer = reply.model_validate_json(msg.data)
-    if not answer.ok:
-        raise refusal(answer.error, answer.reason)
-    return answer.result
+@dataclass(frozen=True)
+class Service:
+    """A service the operator commands ask: who it is and what to check when nobody
+    answers (`who`, `check`), its reply model, the reason for nobody answering, and how
+    long to wait by default."""
+
+    who: str
+    check: str
+    reply: type[Reply]
+    unavailable: Reason
+    timeout: float
+
+    async def ask(
+        self, nc: NATS, subject: str, body: BaseModel, timeout: float | None = None
+    ) -> Any:
+        """The reply's result. A refusal raises CallerError with the service's reason;
+        nobody answering raises TransientError(`unavailable`) naming who should have and
+        what to check."""
+        try:
+            msg = await nc.request(
+                subject, body.model_dump_json().encode(), timeout=timeout or self.timeout
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            raise TransientError(
+                f"no {self.who} answered {subject}: {self.check}", self.unavailable
+            ) from exc
+        answer = self.reply.model_validate_json(msg.data)
+        if not answer.ok:
+            raise refusal(answer.error, answer.reason)
+        return answer.result
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:

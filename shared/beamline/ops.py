@@ -13,6 +13,14 @@ from beamline import operator, subjects
 from beamline.control import AdminReply, AdminRequest
 from beamline.errors import Reason
 
+SUPERVISOR = operator.Service(
+    "supervisor",
+    "is one running (`beamline up` with a deployment that declares supervisors)?",
+    AdminReply,
+    Reason.NATS_UNAVAILABLE,
+    timeout=30,
+)
+
 
 async def admin(
     nc: NATS,
@@ -25,18 +33,7 @@ async def admin(
     """The supervisor's answer, or a clear error: a refused command raises CallerError with
     the supervisor's reason; no supervisor answering raises TransientError."""
     request = AdminRequest(target=target, requested_by="cli", suffixes=suffixes, count=count)
-    return await operator.ask(
-        nc,
-        subjects.admin(command),
-        request.model_dump_json().encode(),
-        AdminReply,
-        (
-            "supervisor",
-            "is one running (`beamline up` with a deployment that declares supervisors)?",
-        ),
-        Reason.NATS_UNAVAILABLE,
-        timeout,
-    )
+    return await SUPERVISOR.ask(nc, subjects.admin(command), request, timeout)
 
 
 PS_COLUMNS = (

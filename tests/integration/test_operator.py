@@ -9,16 +9,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from beamline import operator
-from beamline.budget import BudgetReply
+from beamline.budget import BudgetReply, ShowRequest
 from beamline.errors import CallerError, Reason, TransientError
 
-WHO = ("budget service", "is services/budget running?")
+BUDGET = operator.Service(
+    "budget service", "is services/budget running?", BudgetReply, Reason.BUDGET_UNAVAILABLE, 2
+)
 
 
-async def ask(nc: NATS, timeout: float = 2) -> object:
-    return await operator.ask(
-        nc, "test.ask", b"{}", BudgetReply, WHO, Reason.BUDGET_UNAVAILABLE, timeout
-    )
+async def ask(nc: NATS) -> object:
+    return await BUDGET.ask(nc, "test.ask", ShowRequest())
 
 
 async def test_nobody_answering_names_who_and_what_to_check(nc: NATS) -> None:
