@@ -46,7 +46,7 @@ from beamline.errors import CallerError, Reason
 from beamline.events import EventSink
 from beamline.feed import Feed
 from beamline.requests import parse_request as _parse
-from beamline.service import answer_health, crash_on_error
+from beamline.service import answer_health, crash_on_error, every
 from beamline.settings import MeshSettings
 from services.budget.ledger import Deferred, Granted, Hold, Ledger, LedgerError, Refused
 from services.budget.settings import BudgetSettings
@@ -137,7 +137,15 @@ class BudgetService:
             ("settle", self.outcomes.run(self._settle)),
             ("sweep", self._sweep_loop()),
             ("report", self._report_loop()),
-            ("itemisation", self._itemisation_loop()),
+            (
+                "itemisation",
+                every(
+                    self.settings.itemisation_flush_s,
+                    self._save_itemisation,
+                    "itemisation not persisted",
+                    self._failed,
+                ),
+            ),
         ):
             task = asyncio.create_task(loop, name=name)
             task.add_done_callback(crash_on_error)
@@ -432,15 +440,6 @@ class BudgetService:
         return True
 
     # --- helpers -------------------------------------------------------------------------
-
-    async def _itemisation_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.itemisation_flush_s)
-            try:
-                await self._save_itemisation()
-            except Exception as exc:  # NATS reconnecting: the next tick tries again
-                self.last_error = f"itemisation not persisted: {exc!r}"
-                log.warning("itemisation not persisted; retrying", extra={"error": repr(exc)})
 
     async def _save_itemisation(self) -> None:
         changes = self.ledger.itemisation_changes

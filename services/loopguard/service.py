@@ -51,7 +51,7 @@ from beamline.guard import (
 from beamline.ids import derived_id
 from beamline.journal import ENTRY_MAX_BYTES
 from beamline.requests import parse_request
-from beamline.service import answer_health, crash_on_error
+from beamline.service import answer_health, crash_on_error, every
 from beamline.settings import MeshSettings
 from services.loopguard.conversations import Conversations
 from services.loopguard.detector import counted, observe
@@ -128,9 +128,25 @@ class LoopguardService:
         self._subs.append(await answer_health(self.nc, SERVICE, self.status))
         for name, loop in (
             ("watch", self.feed.run(self._on_batch)),
-            ("position", self._position_loop()),
+            (
+                "position",
+                every(
+                    self.settings.position_flush_s,
+                    self._keep_position,
+                    "journal position not saved",
+                    self._failed,
+                ),
+            ),
             ("send", self._send_loop()),
-            ("deadlines", self._deadline_loop()),
+            (
+                "deadlines",
+                every(
+                    self.settings.tick_s,
+                    lambda: self._time_out(self.clock()),
+                    "escalation deadlines not applied",
+                    self._failed,
+                ),
+            ),
         ):
             task = asyncio.create_task(loop, name=name)
             task.add_done_callback(crash_on_error)
@@ -146,7 +162,7 @@ class LoopguardService:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         with contextlib.suppress(Exception):  # else a restart reads a little more again
-            await self.positions.keep(self.feed.seq)
+            await self._keep_position()
         await self.events.close(timeout=5.0)
 
     def status(self) -> dict[str, Any]:
@@ -171,15 +187,8 @@ class LoopguardService:
             await self._on_entry(msg)
             self.feed.done(msg)
 
-    async def _position_loop(self) -> None:
-        """Persist the journal position every `position_flush_s` when it moved."""
-        while True:
-            await asyncio.sleep(self.settings.position_flush_s)
-            try:
-                await self.positions.keep(self.feed.seq)
-            except Exception as exc:  # NATS unavailable for now: the next tick tries again
-                self._failed(f"journal position not saved: {exc!r}")
-                log.warning("journal position not saved; retrying", extra={"error": repr(exc)})
+    async def _keep_position(self) -> None:
+        await self.positions.keep(self.feed.seq)
 
     def _failed(self, error: str) -> None:
         self.last_error = error
@@ -361,15 +370,6 @@ class LoopguardService:
         return reply
 
     # --- escalations -------------------------------------------------------------------------
-
-    async def _deadline_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.tick_s)
-            try:
-                await self._time_out(self.clock())
-            except Exception as exc:  # KV unavailable for now: the next tick tries again
-                self.last_error = f"escalation deadlines: {exc!r}"
-                log.warning("escalation deadlines not applied; retrying", exc_info=True)
 
     async def _time_out(self, now: float) -> None:
         closed: list[Escalation] = []

@@ -57,6 +57,24 @@ async def finish_then_cancel(
         await task
 
 
+async def every(
+    interval_s: float,
+    action: Callable[[], Awaitable[object]],
+    failure: str,
+    failed: Callable[[str], None],
+) -> None:
+    """Run `action` every `interval_s` seconds until cancelled: a service's periodic write
+    or check. What it raises (NATS or KV unavailable for now) does not end the loop: it is
+    told to `failed` as "`failure`: <error>" and logged, and the next tick tries again."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await action()
+        except Exception as exc:
+            failed(f"{failure}: {exc!r}")
+            logger.warning(f"{failure}; the next tick tries again", exc_info=True)
+
+
 def crash_on_error(task: asyncio.Task[Any]) -> None:
     """Done-callback for a service's long-running loops: a loop that dies of a bug takes the
     process down (exit 70) so its supervisor restarts it, instead of idling half-alive."""

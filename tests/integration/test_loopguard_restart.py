@@ -49,11 +49,11 @@ async def commands(nc: NATS) -> AsyncIterator[list[GuardCommand]]:
         await sub.unsubscribe()
 
 
-async def start_guard(nc: NATS) -> LoopguardService:
+async def start_guard(nc: NATS, settings: LoopguardSettings = SETTINGS) -> LoopguardService:
     kv = await nc.jetstream().key_value(subjects.BUCKET_LOOPGUARD)
     store = GuardStore(kv)
     guard = LoopguardService(
-        SETTINGS, config.load(TREE), nc, store, await store.load(), PositionStore(kv)
+        settings, config.load(TREE), nc, store, await store.load(), PositionStore(kv)
     )
     await guard.start()
     return guard
@@ -145,5 +145,24 @@ async def test_a_journal_made_again_under_the_guard_still_has_its_loops_seen(
         looped = await loop(nc, "c1")
         await fenced(guard, looped[-1])
         assert [c.action.value for c in commands] == ["restart"]
+    finally:
+        await guard.stop()
+
+
+async def test_the_position_is_persisted_on_its_timer_while_the_guard_runs(
+    nc: NATS, commands: list[GuardCommand]
+) -> None:
+    guard = await start_guard(nc, SETTINGS.model_copy(update={"position_flush_s": 0.1}))
+    kv = await nc.jetstream().key_value(subjects.BUCKET_LOOPGUARD)
+    try:
+        looped = await loop(nc, "c1")
+        await fenced(guard, looped[-1])
+
+        async def persisted() -> bool:
+            seq: int = json.loads((await kv.get("position")).value or b"{}")["seq"]
+            return seq == looped[-1]
+
+        # without a stop: a kill now would read nothing again
+        await wait_for(persisted, timeout=10, what="the position persisted on its timer")
     finally:
         await guard.stop()
