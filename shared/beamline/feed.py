@@ -20,24 +20,25 @@ for now) gets the same messages again, in place, so their order holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, SequenceInfo
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from beamline.backoff import backoff
-from beamline.pulling import pull_forever
 
 log = logging.getLogger("beamline.feed")
 
 Handle = Callable[[list[Msg]], Awaitable[None]]
 RESUME_CAP_S = 10.0  # longest wait between attempts to resume the consumer
+FETCH_TIMEOUT_S = 1.0  # an idle fetch returns this often
 
 
 class Reopen(Exception):
@@ -104,14 +105,7 @@ class Feed:
             if self._sub is None:
                 self._sub = await self._resume_until_done()
             try:
-                await pull_forever(
-                    self._sub,
-                    self.batch,
-                    partial(self._batch, handle),
-                    self.what,
-                    self._fetch_failed,
-                    self.linger_s,
-                )
+                await self._pull(self._sub, handle)
             except Reopen as why:
                 self.reopened += 1
                 log.warning(
@@ -120,6 +114,29 @@ class Feed:
                 )
             finally:
                 self._sub = None
+
+    async def _pull(self, sub: Any, handle: Handle) -> None:
+        """Fetch and hand over batches until something says the consumer may be ahead of
+        the position (Reopen). After a batch that was not full, wait `linger_s` for more to
+        gather: a fetch returns as soon as one message is there, and under a steady trickle
+        every batch would be one message, each costing a fetch, a write and a wake-up. The
+        subscription is closed on the way out: one left open with a fetch outstanding holds
+        the connection's drain() for its whole timeout."""
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=FETCH_TIMEOUT_S)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue  # idle: cancellation is never held up long
+                except Exception as exc:  # NATS restarting: deliveries may have been lost
+                    self.failed(f"fetching {self.what}: {exc!r}")
+                    raise Reopen(f"fetching {self.what}: {exc!r}") from exc
+                await self._batch(handle, msgs)
+                if self.linger_s and len(msgs) < self.batch:
+                    await asyncio.sleep(self.linger_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # --- in order, once --------------------------------------------------------------------
 
@@ -138,10 +155,6 @@ class Feed:
                 await asyncio.sleep(self.retry_s)
             else:
                 self.done(fresh[-1])
-
-    def _fetch_failed(self, error: str) -> None:
-        self.failed(error)
-        raise Reopen(error)  # ends pull_forever: the consumer is checked before pulling on
 
     # --- the consumer ------------------------------------------------------------------------
 

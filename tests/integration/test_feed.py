@@ -2,7 +2,8 @@
 consumer without acknowledgements, resumed from a position its service keeps. Every
 message after the position is handled, in order, once its handler succeeds: after a crash
 with messages in hand, deliveries lost on the way, a failing handler, the consumer deleted
-under it, NATS restarted, or an older acknowledged consumer of the same name."""
+under it, NATS restarted, or an older acknowledged consumer of the same name. A batch that
+was not full is followed by a linger that lets the next one gather."""
 
 from __future__ import annotations
 
@@ -39,8 +40,14 @@ def _entry() -> Envelope:
 class Reader:
     """A running feed, with what its handler got through; `slow` runs before each message."""
 
-    def __init__(self, nc: NATS, slow: Callable[[Msg], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        slow: Callable[[Msg], Awaitable[None]] | None = None,
+        linger_s: float = 0,
+    ) -> None:
         self.handled: list[int] = []
+        self.batches: list[list[int]] = []
         self.errors: list[str] = []
         self._slow = slow
         self._task: asyncio.Task[None] | None = None
@@ -51,7 +58,7 @@ class Reader:
             filter_subject=subjects.JOURNAL_ALL,
             what="journal entries",
             batch=4,
-            linger_s=0,
+            linger_s=linger_s,
             retry_s=0.05,
             failed=self.errors.append,
         )
@@ -62,6 +69,7 @@ class Reader:
         return self
 
     async def on_batch(self, msgs: list[Msg]) -> None:
+        self.batches.append([m.metadata.sequence.stream for m in msgs])
         for msg in msgs:
             if self._slow is not None:
                 await self._slow(msg)
@@ -140,6 +148,21 @@ async def test_a_first_start_reads_from_now_and_a_restart_reads_again_after_its_
     assert fourth.feed.seq == more[-1]
     last = await write(nc, 1)
     await fourth.until(last)
+
+
+async def test_after_a_short_batch_the_feed_lingers_and_the_next_batch_gathers(
+    nc: NATS, readers: list[Reader]
+) -> None:
+    first = await write(nc, 1)
+    reader = await start(readers, Reader(nc, linger_s=1.0), first[0] - 1)
+    await reader.until(first)
+    rest = await write(nc, 3)  # all within the linger after the first batch
+    await reader.until(rest)
+    assert reader.batches == [first, rest]  # one fetch for the three, not one each
+    assert not reader.errors
+    # nothing is left for the consumer to deliver, and nothing waits for an ack
+    info = await nc.jetstream().consumer_info(subjects.STREAM_JOURNAL, CONSUMER)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def test_deliveries_lost_on_the_way_are_read_again(nc: NATS, readers: list[Reader]) -> None:
