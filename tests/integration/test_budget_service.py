@@ -126,8 +126,8 @@ async def test_a_call_event_is_settled_once_and_its_itemisation_persisted_on_the
     await wait_for(lambda: _settled(service, "agent:free", 10), timeout=10, what="the call settled")
     assert "call-1" not in service.ledger.record.holds
 
-    # handed in again (a redelivery after a restart that had persisted but not acked it):
-    # charged once
+    # handed in again (the feed hands a batch over again when its ledger write failed, or
+    # a restart reads events again): charged once
     js = nc.jetstream()
     again = await js.pull_subscribe(
         GATEWAY_EVENTS,
